@@ -1,0 +1,3 @@
+from smcli.cli import main
+
+main()

@@ -1,0 +1,337 @@
+"""smcli checkpoints: a torchmil state dict in a .safetensors file, its full config in the metadata.
+
+Metadata key `smcli_config` holds JSON:
+    {"pool": {in_dim, att_dim, act, sm_mode, sm_alpha, sm_steps, sm_where, spectral_norm},
+     "head": bool, "graph": {"patch_size": float | null, "dist_thr": float},
+     "smcli_version": str, "training": {...optional recipe}}
+Scoring loads only safetensors (no pickle is ever executed). `convert_state_dict` turns a
+`torch.save(model.state_dict())` file into a checkpoint, reading the .pt with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Union
+
+from smcli.errors import ModelError
+from smcli.graph import DEFAULT_DIST_THR
+
+CONFIG_KEY = "smcli_config"
+ACTS = ("tanh", "relu", "gelu")
+SM_MODES = ("approx", "exact")
+SM_WHERE = ("early", "mid", "late", "none")
+
+Alpha = Union[float, str]
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """SmAttentionPool constructor arguments (torchmil 1.0.2 names and defaults)."""
+
+    in_dim: int
+    att_dim: int = 128
+    act: str = "gelu"
+    sm_mode: str = "approx"
+    sm_alpha: Alpha = "trainable"
+    sm_steps: int = 10
+    sm_where: str = "early"
+    spectral_norm: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pool: PoolConfig
+    head: bool = False
+    patch_size: float | None = None
+    dist_thr: float = DEFAULT_DIST_THR
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        from smcli import __version__
+
+        document: dict[str, Any] = {
+            "pool": asdict(self.pool),
+            "head": self.head,
+            "graph": {"patch_size": self.patch_size, "dist_thr": self.dist_thr},
+            "smcli_version": __version__,
+        }
+        if self.training:
+            document["training"] = self.training
+        return json.dumps(document, sort_keys=True)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to score: its config, the torch module, and where it came from."""
+
+    config: ModelConfig
+    module: Any  # smcli.model.SmAttentionPool or SmABMIL
+    path: Path
+    sha256: str
+
+    @property
+    def in_dim(self) -> int:
+        return self.config.pool.in_dim
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(int(t.numel()) for t in self.module.state_dict().values())
+
+
+def _fail(path: Path, message: str) -> ModelError:
+    return ModelError(f"{path}: {message}")
+
+
+def parse_config(text: str, path: Path) -> ModelConfig:
+    """Validate the JSON config of a checkpoint; every problem is a one-line ModelError."""
+    try:
+        document = json.loads(text)
+        pool = document["pool"]
+        graph = document.get("graph", {})
+        alpha = pool.get("sm_alpha", "trainable")
+        if alpha != "trainable":
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                raise ValueError(f"sm_alpha must be 'trainable' or a number, got {alpha!r}")
+            alpha = float(alpha)
+        config = PoolConfig(
+            in_dim=_positive_int(pool["in_dim"], "in_dim"),
+            att_dim=_positive_int(pool.get("att_dim", 128), "att_dim"),
+            act=str(pool.get("act", "gelu")),
+            sm_mode=str(pool.get("sm_mode", "approx")),
+            sm_alpha=alpha,
+            sm_steps=_non_negative_int(pool.get("sm_steps", 10), "sm_steps"),
+            sm_where=str(pool.get("sm_where", "early")),
+            spectral_norm=bool(pool.get("spectral_norm", False)),
+        )
+        check_pool_config(config)
+        patch_size = graph.get("patch_size")
+        if patch_size is not None:
+            patch_size = _positive_float(patch_size, "patch_size")
+        dist_thr = _positive_float(graph.get("dist_thr", DEFAULT_DIST_THR), "dist_thr")
+        training = document.get("training") or {}
+        return ModelConfig(config, bool(document.get("head", False)), patch_size, dist_thr, training)
+    except json.JSONDecodeError as err:
+        raise _fail(path, f"config metadata is not valid JSON ({err.msg})") from None
+    except KeyError as err:
+        raise _fail(path, f"config metadata lacks {err.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise _fail(path, f"invalid config: {err}") from None
+
+
+def check_pool_config(config: PoolConfig) -> None:
+    """Raise ValueError for values torchmil would reject or that have no defined meaning."""
+    if config.act not in ACTS:
+        raise ValueError(f"act must be one of {', '.join(ACTS)}, got {config.act!r}")
+    if config.sm_mode not in SM_MODES:
+        raise ValueError(f"sm_mode must be approx or exact, got {config.sm_mode!r}")
+    if config.sm_where not in SM_WHERE:
+        raise ValueError(f"sm_where must be one of {', '.join(SM_WHERE)}, got {config.sm_where!r}")
+    if config.sm_alpha != "trainable":
+        alpha = config.sm_alpha
+        if not (isinstance(alpha, float) and 0.0 <= alpha < 1.0):
+            raise ValueError(f"sm_alpha must be 'trainable' or a number in [0, 1), got {alpha!r}")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def build_module(config: ModelConfig):
+    """An smcli module with torchmil's state-dict layout for this config (eval mode)."""
+    from smcli.model import SmABMIL, SmAttentionPool
+
+    pool = SmAttentionPool(**asdict(config.pool))
+    if config.head:
+        return SmABMIL(pool, config.pool.in_dim)
+    return pool
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Read an smcli checkpoint (.safetensors) and build the module it describes."""
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such model file")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except PermissionError:
+        raise _fail(path, "permission denied") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        raise _fail(path, "not a safetensors checkpoint (smcli scores only .safetensors models; "
+                    "make one with `smcli convert`)") from None
+    if CONFIG_KEY not in metadata:
+        raise _fail(path, f"no '{CONFIG_KEY}' metadata: not an smcli checkpoint "
+                    "(make one with `smcli convert`)")
+    config = parse_config(metadata[CONFIG_KEY], path)
+    module = build_module(config)
+    _load_state(module, tensors, path)
+    return LoadedModel(config, module.to(device), path, file_sha256(path))
+
+
+def _load_state(module, tensors: dict, path: Path) -> None:
+    result_problems = []
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        result_problems.append("missing " + ", ".join(missing))
+    if unexpected:
+        result_problems.append("unexpected " + ", ".join(unexpected))
+    for key in sorted(set(expected) & set(tensors)):
+        if tuple(expected[key].shape) != tuple(tensors[key].shape):
+            result_problems.append(
+                f"{key} has shape {tuple(tensors[key].shape)}, "
+                f"the config needs {tuple(expected[key].shape)}"
+            )
+        elif not tensors[key].is_floating_point():
+            result_problems.append(f"{key} has dtype {tensors[key].dtype}, expected floating point")
+    if result_problems:
+        raise _fail(path, "tensors do not fit the config: " + "; ".join(result_problems))
+    module.load_state_dict(tensors, strict=True)
+    module.eval()
+
+
+def save_checkpoint(tensors: dict, config: ModelConfig, out: Path) -> None:
+    """Write tensors + config as a safetensors checkpoint, atomically."""
+    from safetensors.torch import save_file
+
+    from smcli.writers import atomic_path
+
+    payload = {key: value.detach().contiguous().clone() for key, value in tensors.items()}
+    with atomic_path(out) as tmp:
+        save_file(payload, str(tmp), metadata={CONFIG_KEY: config.to_json()})
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Flags of `smcli convert`; None means 'not given' (the torchmil default then applies)."""
+
+    act: str | None = None
+    sm_mode: str = "approx"
+    sm_alpha: Alpha | None = None
+    sm_steps: int = 10
+    sm_where: str = "early"
+    patch_size: float | None = None
+    dist_thr: float = DEFAULT_DIST_THR
+
+
+@dataclass
+class ConvertResult:
+    config: ModelConfig
+    notes: list[str]
+
+
+def read_state_dict(path: Path) -> dict:
+    """Load a torch.save'd state dict with weights_only=True: a pickle that runs code is refused."""
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        raise _fail(path, "no such file")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unsafe pickle"
+        raise _fail(path, f"refused to load: not a plain state dict ({first_line.strip()})") from None
+    except PermissionError:
+        raise _fail(path, "permission denied") from None
+    except Exception as err:  # torch raises many kinds for garbage input
+        raise _fail(path, f"cannot read as a torch state dict ({type(err).__name__})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise _fail(path, "does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def convert_state_dict(state: dict, options: ConvertOptions, path: Path) -> ConvertResult:
+    """Infer in_dim, att_dim, spectral_norm and head from the tensors; the rest from options."""
+    notes: list[str] = []
+    head = any(key.startswith("pool.") for key in state)
+    pool_state = {k[len("pool."):]: v for k, v in state.items() if k.startswith("pool.")} if head else state
+    if head:
+        others = sorted(k for k in state if not k.startswith("pool.") and not k.startswith("last_layer."))
+        if others:
+            raise _fail(path, "unexpected tensors for an SmABMIL state dict: " + ", ".join(others[:5]))
+    spectral1 = "proj1.parametrizations.weight.original" in pool_state
+    spectral2 = "proj2.parametrizations.weight.original" in pool_state
+    weight1 = pool_state.get("proj1.parametrizations.weight.original", pool_state.get("proj1.weight"))
+    if weight1 is None or weight1.dim() != 2:
+        raise _fail(path, "no proj1 weight: not a torchmil SmAttentionPool or SmABMIL state dict")
+    att_dim, in_dim = (int(s) for s in weight1.shape)
+
+    spectral_norm = spectral1 or spectral2
+    where = options.sm_where
+    if spectral_norm:
+        expected_layers = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": None}
+        if expected_layers[where] != (spectral1, spectral2):
+            raise _fail(path, f"spectral-norm tensors on {'proj1 and proj2' if spectral1 and spectral2 else 'proj2 only' if spectral2 else 'proj1 only'}"
+                        f" do not fit --sm-where {where}")
+
+    has_coef = "sm.sm.coef" in pool_state
+    alpha = options.sm_alpha
+    if alpha is None:
+        alpha = "trainable"
+        if not has_coef and where != "none" and options.sm_steps > 0:
+            raise _fail(path, "no sm.sm.coef tensor, so alpha was not trainable: pass --sm-alpha FLOAT "
+                        "(or --sm-where none if the model has no Sm)")
+    if has_coef and alpha != "trainable":
+        raise _fail(path, f"--sm-alpha {alpha} contradicts the tensors: sm.sm.coef is present, "
+                    "so alpha was trainable")
+    act = options.act
+    if act is None:
+        act = "tanh" if head else "gelu"
+        notes.append(f"--act not given: using {act}, torchmil's default for "
+                     f"{'SmABMIL' if head else 'SmAttentionPool'}")
+    pool = PoolConfig(in_dim, att_dim, act, options.sm_mode, alpha, options.sm_steps, where, spectral_norm)
+    try:
+        check_pool_config(pool)
+    except ValueError as err:
+        raise _fail(path, str(err)) from None
+    config = ModelConfig(pool, head, options.patch_size, options.dist_thr)
+    _load_state(build_module(config), state, path)  # every tensor must fit, strictly
+    return ConvertResult(config, notes)
+
+
+def convert(pt_path: Path, out: Path, options: ConvertOptions) -> ConvertResult:
+    """`smcli convert`: torchmil state dict (.pt) -> smcli checkpoint (.safetensors)."""
+    state = read_state_dict(pt_path)
+    result = convert_state_dict(state, options, pt_path)
+    save_checkpoint(state, result.config, out)
+    return result
+
+
+def with_training(config: ModelConfig, training: dict) -> ModelConfig:
+    return replace(config, training=training)

@@ -1,0 +1,33 @@
+"""One exception family. The core raises these; only the CLI turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class SmcliError(Exception):
+    """Base class: a problem a user can act on. `str(err)` is the one-line message."""
+
+    exit_code = 1
+
+
+class BagError(SmcliError):
+    """A bag (input file) cannot be scored. The batch goes on; the run exits 1."""
+
+    exit_code = 1
+
+
+class ModelError(SmcliError):
+    """The model file is missing, unreadable or invalid. Nothing can be scored: exit 2."""
+
+    exit_code = 2
+
+
+class UsageError(SmcliError):
+    """Bad flags or arguments (device, paths, combinations): exit 2."""
+
+    exit_code = 2
+
+
+class OutputError(SmcliError):
+    """An output file could not be written."""
+
+    exit_code = 1

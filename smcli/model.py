@@ -1,0 +1,274 @@
+"""Sm, SmAttentionPool and the SmABMIL head, with torchmil 1.0.2's semantics and state-dict names.
+
+Paper: "Sm: enhanced localization in Multiple Instance Learning for medical imaging
+classification", NeurIPS 2024, https://arxiv.org/abs/2410.03276.
+
+The modules here load a torchmil state dict with `load_state_dict(strict=True)`. Their
+`forward_reference` follows torchmil's forward line by line (useful as a check); `attention` is the
+production path. It uses that Sm is linear and acts on the instance axis while the projections
+act on the feature axis, so
+
+    Sm(X) W1^T = Sm(X W1^T)                     (early: smooth att_dim columns, not in_dim)
+    w_head . (Sm(X)^T s) = s . Sm(X w_head)     (Sm is symmetric because A is)
+
+proj1's bias is added after smoothing, never smoothed: Sm of a constant is not that constant on a
+normalized graph with boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+Alpha = Union[float, str]
+
+SM_WHERE = ("early", "mid", "late", "none")
+SM_MODES = ("approx", "exact")
+ACTIVATIONS = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "gelu": torch.nn.functional.gelu,
+}
+
+CG_TOLERANCE = 1e-10  # relative residual per column, in float64
+CG_MAX_ITERATIONS = 5000
+
+
+class SmSolveError(RuntimeError):
+    """The exact Sm system cannot be solved reliably (not SPD, or no convergence)."""
+
+
+class _SmCoefficient(torch.nn.Module):
+    """Holds torchmil's `coef`: a trainable scalar parameter, or the float 1/(1-alpha) - 1."""
+
+    def __init__(self, alpha: Alpha) -> None:
+        super().__init__()
+        if alpha == "trainable":
+            self.coef = torch.nn.Parameter(torch.tensor(1.0))
+        elif isinstance(alpha, float):
+            self.coef = 1.0 / (1.0 - alpha) - 1
+        else:
+            raise ValueError("alpha must be a float or 'trainable'")
+
+
+class Sm(torch.nn.Module):
+    """The Sm operator on an unbatched signal f: (N, C) with a sparse CSR adjacency A: (N, N).
+
+    approx: g <- (1 - a) f + a A g, `num_steps` times from g = f, with a = 1 / (1 + coef).
+    exact:  solve ((1 + coef) I - coef A) g = f  (block conjugate gradient, float64).
+    """
+
+    def __init__(self, alpha: Alpha = "trainable", num_steps: int = 10, mode: str = "approx"):
+        super().__init__()
+        if mode not in SM_MODES:
+            raise ValueError("mode must be 'approx' or 'exact'")
+        self.mode = mode
+        self.num_steps = num_steps
+        self.sm = _SmCoefficient(alpha)  # state-dict key: sm.coef, as torchmil's Sm.sm.coef
+
+    @property
+    def coef(self) -> float:
+        coef = self.sm.coef
+        return float(coef.detach()) if isinstance(coef, Tensor) else float(coef)
+
+    def forward(self, f: Tensor, adj: Tensor) -> Tensor:
+        if self.mode == "approx":
+            return approx_sm(f, adj, self.coef, self.num_steps)
+        return exact_sm(f, adj, self.coef)
+
+
+def approx_sm(f: Tensor, adj: Tensor, coef: float, num_steps: int) -> Tensor:
+    """num_steps of g <- (1 - a) f + a A g with a = 1 / (1 + coef), in f's dtype.
+
+    f: (N, C).  Two buffers are reused across steps (fresh 100 MB arrays per step cost more in
+    page faults than the arithmetic).
+    """
+    a = 1.0 / (1.0 + coef)
+    g = f.clone()
+    spare = torch.empty_like(f)
+    for _ in range(num_steps):
+        torch.addmm(f, adj, g, beta=1.0 - a, alpha=a, out=spare)  # (N, C)
+        g, spare = spare, g
+    return g
+
+
+def exact_sm(f: Tensor, adj: Tensor, coef: float) -> Tensor:
+    """Solve ((1 + coef) I - coef A) g = f for all columns of f: (N, C) at once.
+
+    A is the symmetric normalized adjacency (eigenvalues in [-1, 1]), so the system is symmetric
+    positive definite when coef > -1/2, with condition number <= 1 + 2|coef|: conjugate gradient
+    converges in a few dozen iterations. It runs in float64 and returns f's dtype.
+    """
+    if not coef > -0.5:
+        raise SmSolveError(
+            f"exact Sm needs coef > -0.5 for a positive definite system, the model has {coef:.6g}"
+        )
+    if not is_symmetric(adj):
+        raise SmSolveError("exact Sm needs a symmetric adjacency; this one is not")
+    out_dtype = f.dtype
+    rhs = f.to(torch.float64)
+    adj64 = adj.to(torch.float64)
+    if coef == 0:
+        return f.clone()
+
+    def apply_system(p: Tensor, out: Tensor) -> Tensor:
+        return torch.addmm(p, adj64, p, beta=1.0 + coef, alpha=-coef, out=out)
+
+    x = rhs / (1.0 + coef)  # the exact answer where A vanishes (isolated patches)
+    residual = rhs - apply_system(x, torch.empty_like(rhs))
+    direction = residual.clone()
+    product = torch.empty_like(rhs)
+    rs = (residual * residual).sum(0)  # (C,)
+    target = (CG_TOLERANCE * rhs.norm(dim=0)) ** 2
+    for _ in range(CG_MAX_ITERATIONS):
+        if bool((rs <= target).all()):
+            return x.to(out_dtype)
+        apply_system(direction, product)
+        curvature = (direction * product).sum(0)
+        step = torch.where(curvature > 0, rs / curvature.clamp_min(1e-300), 0.0)
+        x.addcmul_(direction, step)
+        residual.addcmul_(product, step, value=-1.0)
+        rs_new = (residual * residual).sum(0)
+        momentum = torch.where(rs > 0, rs_new / rs.clamp_min(1e-300), 0.0)
+        direction.mul_(momentum).add_(residual)
+        rs = rs_new
+    if bool((rs <= target).all()):
+        return x.to(out_dtype)
+    raise SmSolveError(f"exact Sm did not converge in {CG_MAX_ITERATIONS} iterations")
+
+
+def is_symmetric(adj: Tensor) -> bool:
+    """True if the sparse matrix equals its transpose (indices and values), checked in O(nnz)."""
+    coo = adj.to_sparse_coo().coalesce()
+    transposed = coo.t().coalesce()
+    return bool(
+        torch.equal(coo.indices(), transposed.indices())
+        and torch.equal(coo.values(), transposed.values())
+    )
+
+
+@dataclass
+class Attention:
+    """Scores of one bag. attention_logit: (N,) torchmil's f; bag_logit: head output or None."""
+
+    attention_logit: Tensor
+    bag_logit: float | None
+
+
+class SmAttentionPool(torch.nn.Module):
+    """torchmil's SmAttentionPool, unbatched. X: (N, in_dim), adj: sparse CSR (N, N)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        att_dim: int = 128,
+        act: str = "gelu",
+        sm_mode: str = "approx",
+        sm_alpha: Alpha = "trainable",
+        sm_steps: int = 10,
+        sm_where: str = "early",
+        spectral_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError("act must be 'tanh', 'relu' or 'gelu'")
+        if sm_where not in SM_WHERE:
+            raise ValueError("sm_where must be 'early', 'mid', 'late' or 'none'")
+        self.sm_where = sm_where
+        self.act = act
+        self.act_fn = ACTIVATIONS[act]
+        # torchmil: no Sm at all for zero steps, alpha 0 or sm_where 'none'
+        smoothing = sm_steps > 0 and sm_alpha not in (0.0, 0) and sm_where != "none"
+        self.sm: torch.nn.Module = (
+            Sm(alpha=sm_alpha, num_steps=sm_steps, mode=sm_mode)
+            if smoothing
+            else torch.nn.Identity()
+        )
+        self.proj1 = torch.nn.Linear(in_dim, att_dim)
+        self.proj2 = torch.nn.Linear(att_dim, 1, bias=False)
+        if spectral_norm:
+            wrap = torch.nn.utils.parametrizations.spectral_norm
+            if sm_where == "mid":
+                self.proj2 = wrap(self.proj2)
+            elif sm_where in ("early", "none"):
+                self.proj1 = wrap(self.proj1)
+                self.proj2 = wrap(self.proj2)
+        self.eval()  # eval-mode spectral norm: sigma from the stored u, v, no power iteration
+
+    def smooth(self, values: Tensor, adj: Tensor) -> Tensor:
+        if isinstance(self.sm, Sm):
+            return self.sm(values, adj)
+        return values
+
+    @torch.no_grad()
+    def forward_reference(self, X: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
+        """torchmil's forward, step by step. Returns z: (in_dim,) and f: (N,)."""
+        if self.sm_where == "early":
+            X = self.smooth(X, adj)  # (N, in_dim)
+        H = self.proj1(X)  # (N, att_dim)
+        if self.sm_where == "mid":
+            H = self.smooth(H, adj)
+        H = self.act_fn(H)
+        f = self.proj2(H)  # (N, 1)
+        if self.sm_where == "late":
+            f = self.smooth(f, adj)
+        s = torch.softmax(f, dim=0)  # (N, 1)
+        z = X.T @ s  # (in_dim, 1)
+        return z.squeeze(-1), f.squeeze(-1)
+
+    @torch.no_grad()
+    def attention(
+        self, X: Tensor, adj: Tensor, head: torch.nn.Linear | None = None, chunk_rows: int = 16384
+    ) -> Attention:
+        """Production path: attention logits f (N,) and, with a head, the bag logit.
+
+        X may be float16/bfloat16: it is converted to float32 chunk by chunk, never all at once.
+        """
+        weight1 = self.proj1.weight  # (att_dim, in_dim), spectral norm applied
+        att_dim = weight1.shape[0]
+        weights = weight1 if head is None else torch.cat([weight1, head.weight])
+        weights = weights.to(torch.float32)
+        projected = torch.empty(X.shape[0], weights.shape[0], dtype=torch.float32, device=X.device)
+        for start in range(0, X.shape[0], chunk_rows):
+            rows = X[start : start + chunk_rows].to(torch.float32)
+            torch.mm(rows, weights.T, out=projected[start : start + chunk_rows])  # (rows, att+1)
+
+        if self.sm_where == "early":
+            projected = self.smooth(projected, adj)  # Sm(X) W^T = Sm(X W^T)
+        hidden = projected[:, :att_dim] + self.proj1.bias  # (N, att_dim)
+        if self.sm_where == "mid":
+            hidden = self.smooth(hidden, adj)
+        f = self.act_fn(hidden) @ self.proj2.weight.T  # (N, 1)
+        if self.sm_where == "late":
+            f = self.smooth(f, adj)
+        f = f.squeeze(-1)
+
+        bag_logit = None
+        if head is not None:
+            # last_layer(z) = w . (X_used^T s) + b = s . (X_used w) + b, X_used = Sm(X) for early
+            s = torch.softmax(f, dim=0)
+            bag_logit = float(s @ projected[:, att_dim] + head.bias[0])
+        return Attention(attention_logit=f, bag_logit=bag_logit)
+
+
+class SmABMIL(torch.nn.Module):
+    """torchmil's SmABMIL without a feature extractor: `pool` plus the linear head `last_layer`."""
+
+    def __init__(self, pool: SmAttentionPool, in_dim: int) -> None:
+        super().__init__()
+        self.pool = pool
+        self.last_layer = torch.nn.Linear(in_dim, 1)
+        self.eval()
+
+    @torch.no_grad()
+    def forward_reference(self, X: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
+        """Bag logit () and attention logits (N,), as torchmil's forward(return_att=True)."""
+        z, f = self.pool.forward_reference(X, adj)
+        return self.last_layer(z).squeeze(-1), f
+
+    @torch.no_grad()
+    def attention(self, X: Tensor, adj: Tensor) -> Attention:
+        return self.pool.attention(X, adj, head=self.last_layer)

@@ -1,0 +1,189 @@
+"""Bag + model -> per-instance table and bag summary; the batch iterator with read-ahead."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from smcli.bags import Bag, BagKeys, Geometry, load_bag, resolve_geometry
+from smcli.checkpoint import LoadedModel
+from smcli.errors import BagError, SmcliError, UsageError
+from smcli.graph import build_adjacency, duplicate_cells, grid_cells
+
+INSTANCE_COLUMNS = ["bag_id", "instance", "x", "y", "attention_logit", "attention_weight"]
+LOW_MEAN_DEGREE = 2.0
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How to read and grid bags. None means: take it from the bag, then the model."""
+
+    keys: BagKeys = BagKeys()
+    patch_size: float | None = None
+    dist_thr: float | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class BagSummary:
+    """One row of `_bags.csv`."""
+
+    bag_id: str
+    path: str
+    n_instances: int | None = None
+    n_edges: int | None = None
+    logit: float | None = None
+    probability: float | None = None
+    status: str = "ok"
+    error: str = ""
+    seconds: float = 0.0
+    patch_step: float | None = None
+    patch_step_source: str = ""
+    dist_thr: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BagResult:
+    summary: BagSummary
+    table: object = None  # pandas.DataFrame with INSTANCE_COLUMNS (+ label), None on failure
+
+    @property
+    def ok(self) -> bool:
+        return self.summary.status == "ok"
+
+
+def resolve_device(name: str) -> str:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable torch device string, else UsageError."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name!r} requested but CUDA is not available on this machine")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UsageError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        return name
+    raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+
+
+def geometry_warnings(bag: Bag, geometry: Geometry, cells: np.ndarray, n_edges: int) -> list[str]:
+    """Signs of a wrong patch step: patches sharing a cell, or a graph with (almost) no edges."""
+    from smcli.graph import infer_patch_step
+
+    warnings = []
+    shared = duplicate_cells(cells)
+    if shared:
+        warnings.append(f"{shared} patches share a grid cell with another patch at patch step "
+                        f"{geometry.patch_step:g} ({geometry.source})")
+    n = bag.n_instances
+    if n > 1:
+        mean_degree = 2.0 * n_edges / n
+        if mean_degree < LOW_MEAN_DEGREE:
+            step = infer_patch_step(bag.coords)
+            hint = f"; the coords suggest a step of {step:g}" if step is not None else ""
+            what = "no edges" if n_edges == 0 else f"mean degree {mean_degree:.2f}"
+            warnings.append(f"graph has {what} at patch step {geometry.patch_step:g} "
+                            f"({geometry.source}){hint}: check --patch-size")
+    return warnings
+
+
+def score_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptions()) -> BagResult:
+    """Score one loaded bag. Raises BagError for problems with this bag."""
+    import pandas as pd
+    import torch
+
+    started = time.perf_counter()
+    if bag.features.shape[1] != model.in_dim:
+        raise BagError(f"{bag.path}: features have {bag.features.shape[1]} columns, "
+                       f"the model expects {model.in_dim}")
+    geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
+    dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
+    cells = grid_cells(bag.coords, geometry.patch_step)
+    adjacency = build_adjacency(cells, dist_thr)
+
+    device = torch.device(options.device)
+    features = bag.features.to(device, non_blocking=True)
+    adj = adjacency.to_torch(torch.float32, device)
+    from smcli.model import SmSolveError
+
+    try:
+        out = model.module.attention(features, adj)
+    except SmSolveError as err:
+        raise BagError(f"{bag.path}: {err}") from None
+    logits = out.attention_logit
+    weights = torch.softmax(logits, dim=0)
+
+    columns = {
+        "bag_id": bag.bag_id,
+        "instance": np.arange(bag.n_instances, dtype=np.int64),
+        "x": bag.coords[:, 0],
+        "y": bag.coords[:, 1],
+        "attention_logit": logits.cpu().numpy(),
+        "attention_weight": weights.cpu().numpy(),
+    }
+    if bag.labels is not None:
+        columns["label"] = bag.labels
+    table = pd.DataFrame(columns)
+
+    probability = None
+    if out.bag_logit is not None:
+        probability = float(torch.sigmoid(torch.tensor(out.bag_logit, dtype=torch.float64)))
+    summary = BagSummary(
+        bag_id=bag.bag_id,
+        path=str(bag.path),
+        n_instances=bag.n_instances,
+        n_edges=adjacency.n_edges,
+        logit=out.bag_logit,
+        probability=probability,
+        patch_step=geometry.patch_step,
+        patch_step_source=geometry.source,
+        dist_thr=dist_thr,
+        warnings=geometry_warnings(bag, geometry, cells, adjacency.n_edges),
+    )
+    summary.seconds = time.perf_counter() - started
+    return BagResult(summary, table)
+
+
+def failed(path: Path, error: SmcliError | str, bag_id: str | None = None) -> BagResult:
+    return BagResult(BagSummary(bag_id=bag_id or path.stem, path=str(path), status="error", error=str(error)))
+
+
+def score_paths(
+    paths: Iterable[Path], model: LoadedModel, options: ScoreOptions = ScoreOptions()
+) -> Iterator[BagResult]:
+    """Score bags one by one, reading the next bag while the current one computes.
+
+    A bag that cannot be read or scored yields a result with status 'error'; the others go on.
+    """
+    paths = list(paths)
+
+    def read(path: Path):
+        try:
+            return load_bag(path, options.keys)
+        except SmcliError as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read, paths[0]) if paths else None
+        for index, path in enumerate(paths):
+            loaded = pending.result()
+            pending = reader.submit(read, paths[index + 1]) if index + 1 < len(paths) else None
+            if isinstance(loaded, SmcliError):
+                yield failed(path, loaded)
+                continue
+            try:
+                yield score_bag(model, loaded, options)
+            except SmcliError as err:
+                yield failed(path, err, loaded.bag_id)
+            finally:
+                del loaded

@@ -1,0 +1,218 @@
+"""Output: CSV/parquet tables written atomically (temporary file + rename), and the three sinks.
+
+- StdoutSink: one CSV stream on stdout (header once).
+- TableSink: one .csv/.parquet file holding every bag, plus `<stem>_bags.csv` beside it.
+- DirectorySink: `OUT/<bag_id>.csv|.parquet` per bag plus `OUT/_bags.csv`, rewritten after each bag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+from smcli.errors import OutputError, UsageError
+from smcli.scoring import BagResult, BagSummary
+
+BAGS_COLUMNS = [
+    "bag_id", "path", "n_instances", "n_edges", "logit", "probability", "status", "error",
+    "seconds", "patch_step", "patch_step_source", "dist_thr", "warnings",
+]
+FORMATS = ("csv", "parquet")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _describe_os_error(err: OSError) -> str:
+    return err.strerror or type(err).__name__
+
+
+def write_table(table, path: Path, fmt: str, metadata: dict[str, str] | None = None) -> None:
+    """Write one DataFrame as CSV or parquet, atomically. Raises OutputError."""
+    try:
+        with atomic_path(path) as tmp:
+            if fmt == "csv":
+                table.to_csv(tmp, index=False)
+            else:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                arrow = pa.Table.from_pandas(table, preserve_index=False)
+                if metadata:
+                    merged = dict(arrow.schema.metadata or {})
+                    merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+                    arrow = arrow.replace_schema_metadata(merged)
+                pq.write_table(arrow, tmp)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({_describe_os_error(err)})") from None
+
+
+def summaries_frame(summaries: list[BagSummary]):
+    import pandas as pd
+
+    rows = []
+    for summary in summaries:
+        row = asdict(summary)
+        row["warnings"] = "; ".join(summary.warnings)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=BAGS_COLUMNS)
+
+
+def output_format(output: Path | None, requested: str | None) -> str:
+    """The table format: from -o's extension for single tables, else --format (default csv)."""
+    if output is not None and output.suffix in (".csv", ".parquet"):
+        implied = output.suffix[1:]
+        if requested is not None and requested != implied:
+            raise UsageError(f"--format {requested} contradicts the output file name {output}")
+        return implied
+    fmt = requested or "csv"
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: use csv or parquet")
+    if output is None and fmt != "csv":
+        raise UsageError("parquet needs an output file or directory (-o)")
+    return fmt
+
+
+class StdoutSink:
+    """All bags as one CSV on stdout; nothing else goes to stdout."""
+
+    def __init__(self) -> None:
+        self.header_written = False
+
+    def add(self, result: BagResult) -> None:
+        if result.table is None:
+            return
+        result.table.to_csv(sys.stdout, index=False, header=not self.header_written)
+        sys.stdout.flush()
+        self.header_written = True
+
+    def close(self, complete: bool) -> None:
+        return None
+
+
+class TableSink:
+    """Every bag into one table file, streamed to a temporary file and renamed at the end."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.bags_path = path.with_name(f"{path.stem}_bags.csv")
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.summaries: list[BagSummary] = []
+        self.writer = None
+        self.schema = None
+        self.started = False
+        if not path.parent.is_dir():
+            raise UsageError(f"{path}: the directory {path.parent} does not exist")
+
+    def add(self, result: BagResult) -> None:
+        try:
+            if result.table is not None:
+                self._append(result)
+        except OSError as err:
+            self._discard()
+            raise OutputError(f"{self.path}: cannot write ({_describe_os_error(err)})") from None
+        self.summaries.append(result.summary)
+
+    def _append(self, result: BagResult) -> None:
+        if self.fmt == "csv":
+            result.table.to_csv(self.tmp, index=False, header=not self.started, mode="a")
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            arrow = pa.Table.from_pandas(result.table, preserve_index=False)
+            if self.writer is None:
+                self.schema = arrow.schema
+                self.writer = pq.ParquetWriter(self.tmp, self.schema)
+            elif arrow.schema != self.schema:
+                arrow = arrow.cast(self.schema)
+            self.writer.write_table(arrow)
+        self.started = True
+
+    def _discard(self) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            self.writer = None
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+    def close(self, complete: bool) -> None:
+        if not complete:
+            self._discard()
+            return
+        try:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+            if self.started:
+                os.replace(self.tmp, self.path)
+            write_table(summaries_frame(self.summaries), self.bags_path, "csv")
+        except OSError as err:
+            self._discard()
+            raise OutputError(f"{self.path}: cannot write ({_describe_os_error(err)})") from None
+
+
+class DirectorySink:
+    """One file per bag plus `_bags.csv`, each written atomically."""
+
+    def __init__(self, directory: Path, fmt: str) -> None:
+        self.directory = directory
+        self.fmt = fmt
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"{directory}: cannot create output directory ({_describe_os_error(err)})") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise UsageError(f"{directory}: output directory is not writable")
+        self.bags_path = directory / "_bags.csv"
+        self.summaries: list[BagSummary] = []
+        self.written: set[str] = set()
+
+    def table_path(self, bag_id: str) -> Path:
+        return self.directory / f"{bag_id}.{self.fmt}"
+
+    def add(self, result: BagResult) -> None:
+        try:
+            if result.table is not None:
+                bag_id = result.summary.bag_id
+                if not safe_bag_id(bag_id):
+                    raise OutputError(f"{result.summary.path}: bag_id {bag_id!r} cannot be used as a file name")
+                if bag_id in self.written:
+                    raise OutputError(f"{result.summary.path}: bag_id {bag_id!r} was already written "
+                                      "in this run (two inputs with the same name)")
+                write_table(result.table, self.table_path(bag_id), self.fmt)
+                self.written.add(bag_id)
+        except OutputError as err:
+            result.summary.status = "error"
+            result.summary.error = str(err)
+            result.table = None
+            raise
+        finally:
+            self.summaries.append(result.summary)
+            write_table(summaries_frame(self.summaries), self.bags_path, "csv")
+
+    def close(self, complete: bool) -> None:
+        return None
+
+
+def safe_bag_id(bag_id: str) -> bool:
+    """A bag id usable as a file name inside the output directory."""
+    return bool(bag_id) and bag_id not in (".", "..") and "/" not in bag_id and "\\" not in bag_id \
+        and "\0" not in bag_id and bag_id != "_bags"
