@@ -89,7 +89,9 @@ def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = Tr
             metadata = dict(handle.metadata() or {})
             for key in (keys.features, keys.coords):
                 if key not in names:
-                    raise _fail(path, f"no '{key}' tensor (keys present: {', '.join(sorted(names)) or 'none'})")
+                    raise _fail(
+                        path, f"no '{key}' tensor (keys present: {', '.join(sorted(names)) or 'none'})"
+                    )
             features = handle.get_tensor(keys.features)
             coords_tensor = handle.get_tensor(keys.coords)
             labels_tensor = handle.get_tensor(keys.labels) if with_labels and keys.labels in names else None
@@ -104,10 +106,14 @@ def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = Tr
     features = _check_features(path, features, keys.features)
     coords = _check_coords(path, coords_tensor, keys.coords)
     if coords.shape[0] != features.shape[0]:
-        raise _fail(path, f"{keys.features} has {features.shape[0]} rows but {keys.coords} has {coords.shape[0]}")
+        raise _fail(
+            path, f"{keys.features} has {features.shape[0]} rows but {keys.coords} has {coords.shape[0]}"
+        )
     if features.shape[0] == 0:
         raise _fail(path, "empty bag (0 patches): nothing to score")
-    labels = None if labels_tensor is None else _check_labels(path, labels_tensor, keys.labels, coords.shape[0])
+    labels = (
+        None if labels_tensor is None else _check_labels(path, labels_tensor, keys.labels, coords.shape[0])
+    )
     patch_size = None
     if "patch_size" in metadata:
         try:
@@ -124,8 +130,11 @@ def _check_features(path: Path, features, name: str):
     import torch
 
     if str(features.dtype).replace("torch.", "") not in FEATURE_DTYPES:
-        raise _fail(path, f"{name} has dtype {str(features.dtype).replace('torch.', '')}; "
-                    f"expected one of {', '.join(FEATURE_DTYPES)}")
+        raise _fail(
+            path,
+            f"{name} has dtype {str(features.dtype).replace('torch.', '')}; "
+            f"expected one of {', '.join(FEATURE_DTYPES)}",
+        )
     if features.dim() == 3 and features.shape[0] == 1:
         features = features[0]
     if features.dim() != 2:
@@ -135,7 +144,9 @@ def _check_features(path: Path, features, name: str):
         chunk = features[start : start + 16384]
         bad_rows += int((~torch.isfinite(chunk).all(dim=1)).sum())
     if bad_rows:
-        raise _fail(path, f"{name} has non-finite values (NaN or inf) in {bad_rows} of {features.shape[0]} rows")
+        raise _fail(
+            path, f"{name} has non-finite values (NaN or inf) in {bad_rows} of {features.shape[0]} rows"
+        )
     return features
 
 
@@ -147,7 +158,9 @@ def _check_coords(path: Path, coords, name: str) -> np.ndarray:
     if coords.dim() != 2 or coords.shape[1] != 2:
         raise _fail(path, f"{name} must have shape (N, 2), got {tuple(coords.shape)}")
     if coords.dtype == torch.bool or coords.is_complex():
-        raise _fail(path, f"{name} has dtype {str(coords.dtype).replace('torch.', '')}; expected integer or float")
+        raise _fail(
+            path, f"{name} has dtype {str(coords.dtype).replace('torch.', '')}; expected integer or float"
+        )
     if coords.dtype in (torch.bfloat16, torch.float16):
         coords = coords.to(torch.float32)
     array = coords.numpy()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from smcli.bags import find_bags
 from smcli.errors import OutputError, UsageError
@@ -67,8 +67,7 @@ def run_score(request: ScoreRequest, report: Callable[[BagResult], None]) -> Run
     device = resolve_device(request.device)
     model = load_model(request.model, device)
     sink = open_sink(request.output, request.fmt)
-    options = ScoreOptions(request.options.keys, request.options.patch_size,
-                           request.options.dist_thr, device)
+    options = ScoreOptions(request.options.keys, request.options.patch_size, request.options.dist_thr, device)
     summary = RunSummary()
     complete = False
     try:

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from smcli.errors import ModelError
 from smcli.graph import DEFAULT_DIST_THR
@@ -25,7 +25,7 @@ ACTS = ("tanh", "relu", "gelu")
 SM_MODES = ("approx", "exact")
 SM_WHERE = ("early", "mid", "late", "none")
 
-Alpha = Union[float, str]
+Alpha = float | str
 
 
 @dataclass(frozen=True)
@@ -188,11 +188,15 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     except PermissionError:
         raise _fail(path, "permission denied") from None
     except (SafetensorError, OSError, ValueError, RuntimeError):
-        raise _fail(path, "not a safetensors checkpoint (smcli scores only .safetensors models; "
-                    "make one with `smcli convert`)") from None
+        raise _fail(
+            path,
+            "not a safetensors checkpoint (smcli scores only .safetensors models; "
+            "make one with `smcli convert`)",
+        ) from None
     if CONFIG_KEY not in metadata:
-        raise _fail(path, f"no '{CONFIG_KEY}' metadata: not an smcli checkpoint "
-                    "(make one with `smcli convert`)")
+        raise _fail(
+            path, f"no '{CONFIG_KEY}' metadata: not an smcli checkpoint (make one with `smcli convert`)"
+        )
     config = parse_config(metadata[CONFIG_KEY], path)
     module = build_module(config)
     _load_state(module, tensors, path)
@@ -211,8 +215,7 @@ def _load_state(module, tensors: dict, path: Path) -> None:
     for key in sorted(set(expected) & set(tensors)):
         if tuple(expected[key].shape) != tuple(tensors[key].shape):
             result_problems.append(
-                f"{key} has shape {tuple(tensors[key].shape)}, "
-                f"the config needs {tuple(expected[key].shape)}"
+                f"{key} has shape {tuple(tensors[key].shape)}, the config needs {tuple(expected[key].shape)}"
             )
         elif not tensors[key].is_floating_point():
             result_problems.append(f"{key} has dtype {tensors[key].dtype}, expected floating point")
@@ -280,7 +283,7 @@ def convert_state_dict(state: dict, options: ConvertOptions, path: Path) -> Conv
     """Infer in_dim, att_dim, spectral_norm and head from the tensors; the rest from options."""
     notes: list[str] = []
     head = any(key.startswith("pool.") for key in state)
-    pool_state = {k[len("pool."):]: v for k, v in state.items() if k.startswith("pool.")} if head else state
+    pool_state = {k[len("pool.") :]: v for k, v in state.items() if k.startswith("pool.")} if head else state
     if head:
         others = sorted(k for k in state if not k.startswith("pool.") and not k.startswith("last_layer."))
         if others:
@@ -294,27 +297,34 @@ def convert_state_dict(state: dict, options: ConvertOptions, path: Path) -> Conv
 
     spectral_norm = spectral1 or spectral2
     where = options.sm_where
-    if spectral_norm:
-        expected_layers = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": None}
-        if expected_layers[where] != (spectral1, spectral2):
-            raise _fail(path, f"spectral-norm tensors on {'proj1 and proj2' if spectral1 and spectral2 else 'proj2 only' if spectral2 else 'proj1 only'}"
-                        f" do not fit --sm-where {where}")
+    if where not in SM_WHERE:
+        raise _fail(path, f"sm_where must be one of {', '.join(SM_WHERE)}, got {where!r}")
+    # torchmil wraps proj1 and proj2 for early/none, proj2 only for mid, nothing for late
+    wrapped = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": (False, False)}
+    if spectral_norm and wrapped[where] != (spectral1, spectral2):
+        found = "proj1 and proj2" if spectral1 and spectral2 else "proj1 only" if spectral1 else "proj2 only"
+        raise _fail(path, f"spectral-norm tensors on {found} do not fit --sm-where {where}")
 
     has_coef = "sm.sm.coef" in pool_state
     alpha = options.sm_alpha
     if alpha is None:
         alpha = "trainable"
         if not has_coef and where != "none" and options.sm_steps > 0:
-            raise _fail(path, "no sm.sm.coef tensor, so alpha was not trainable: pass --sm-alpha FLOAT "
-                        "(or --sm-where none if the model has no Sm)")
+            raise _fail(
+                path,
+                "no sm.sm.coef tensor, so alpha was not trainable: pass --sm-alpha FLOAT "
+                "(or --sm-where none if the model has no Sm)",
+            )
     if has_coef and alpha != "trainable":
-        raise _fail(path, f"--sm-alpha {alpha} contradicts the tensors: sm.sm.coef is present, "
-                    "so alpha was trainable")
+        raise _fail(
+            path, f"--sm-alpha {alpha} contradicts the tensors: sm.sm.coef is present, so alpha was trainable"
+        )
     act = options.act
     if act is None:
         act = "tanh" if head else "gelu"
-        notes.append(f"--act not given: using {act}, torchmil's default for "
-                     f"{'SmABMIL' if head else 'SmAttentionPool'}")
+        notes.append(
+            f"--act not given: using {act}, torchmil's default for {'SmABMIL' if head else 'SmAttentionPool'}"
+        )
     pool = PoolConfig(in_dim, att_dim, act, options.sm_mode, alpha, options.sm_steps, where, spectral_norm)
     try:
         check_pool_config(pool)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,15 +26,19 @@ app = typer.Typer(
 
 ModelOption = Annotated[
     Path,
-    typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="smcli checkpoint (.safetensors); env SMCLI_MODEL."),
+    typer.Option(
+        "--model", "-m", envvar="SMCLI_MODEL", help="smcli checkpoint (.safetensors); env SMCLI_MODEL."
+    ),
 ]
 PatchSizeOption = Annotated[
-    Optional[float],
+    float | None,
     typer.Option("--patch-size", help="Coordinate units per patch step; overrides bag metadata and model."),
 ]
 DistThrOption = Annotated[
-    Optional[float],
-    typer.Option("--dist-thr", help="Neighbour distance in patch steps (default: the model's, usually sqrt 2)."),
+    float | None,
+    typer.Option(
+        "--dist-thr", help="Neighbour distance in patch steps (default: the model's, usually sqrt 2)."
+    ),
 ]
 
 
@@ -52,16 +56,24 @@ def score(
     inputs: Annotated[list[Path], typer.Argument(help="Bag files or directories of *.safetensors bags.")],
     model: ModelOption,
     output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="File (.csv/.parquet: one table) or directory (one file per bag)."),
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="File (.csv/.parquet: one table) or directory (one file per bag)."
+        ),
     ] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="csv or parquet (directory output).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="csv or parquet (directory output).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
-    features_key: Annotated[str, typer.Option("--features-key", help="Tensor name of the features.")] = "features",
-    coords_key: Annotated[str, typer.Option("--coords-key", help="Tensor name of the coordinates.")] = "coords",
-    labels_key: Annotated[str, typer.Option("--labels-key", help="Tensor name of 0/1 instance labels.")] = "labels",
+    features_key: Annotated[
+        str, typer.Option("--features-key", help="Tensor name of the features.")
+    ] = "features",
+    coords_key: Annotated[
+        str, typer.Option("--coords-key", help="Tensor name of the coordinates.")
+    ] = "coords",
+    labels_key: Annotated[
+        str, typer.Option("--labels-key", help="Tensor name of 0/1 instance labels.")
+    ] = "labels",
 ) -> None:
     """Score bags: per-patch attention logits and weights (and the bag logit with a head).
 
@@ -105,13 +117,16 @@ def score(
 def convert(
     state_dict: Annotated[Path, typer.Argument(help="torchmil state dict saved with torch.save (.pt).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
-    act: Annotated[Optional[str], typer.Option(help="tanh, relu or gelu (default: the torchmil class's).")] = None,
+    act: Annotated[
+        str | None, typer.Option(help="tanh, relu or gelu (default: the torchmil class's).")
+    ] = None,
     sm_mode: Annotated[str, typer.Option(help="approx or exact.")] = "approx",
-    sm_alpha: Annotated[Optional[str], typer.Option(help="'trainable' or a float in [0, 1).")] = None,
+    sm_alpha: Annotated[str | None, typer.Option(help="'trainable' or a float in [0, 1).")] = None,
     sm_steps: Annotated[int, typer.Option(help="Approx Sm steps.")] = 10,
     sm_where: Annotated[str, typer.Option(help="early, mid, late or none.")] = "early",
     patch_size: PatchSizeOption = None,
-    dist_thr: Annotated[float, typer.Option("--dist-thr", help="Neighbour distance in patch steps.")] = 2**0.5,
+    dist_thr: Annotated[float, typer.Option("--dist-thr", help="Neighbour distance in patch steps.")] = 2
+    ** 0.5,
 ) -> None:
     """Turn a torchmil SmAttentionPool/SmABMIL state dict into an smcli checkpoint.
 
@@ -137,9 +152,11 @@ def convert(
     for note in result.notes:
         _stderr(f"note: {note}")
     pool = result.config.pool
-    _stderr(f"smcli: wrote {output} ({'SmABMIL' if result.config.head else 'SmAttentionPool'}, "
-            f"in_dim {pool.in_dim}, att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, "
-            f"alpha {pool.sm_alpha})")
+    _stderr(
+        f"smcli: wrote {output} ({'SmABMIL' if result.config.head else 'SmAttentionPool'}, "
+        f"in_dim {pool.in_dim}, att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, "
+        f"alpha {pool.sm_alpha})"
+    )
 
 
 def _parse_alpha(text: str | None):

@@ -163,9 +163,7 @@ def build_adjacency(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> Ad
     """Normalized sparse adjacency of a bag from its grid cells (N, 2)."""
     n = int(cells.shape[0])
     if n == 1:  # torchmil: a one-instance bag gets a self loop of weight 1
-        return Adjacency(
-            1, np.array([0, 1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1)
-        )
+        return Adjacency(1, np.array([0, 1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1))
     edge_index = build_edges(cells, dist_thr)
     weight = normalized_weights(edge_index, n)
     crow = np.zeros(n + 1, dtype=np.int64)

@@ -18,12 +18,11 @@ normalized graph with boundaries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor
 
-Alpha = Union[float, str]
+Alpha = float | str
 
 SM_WHERE = ("early", "mid", "late", "none")
 SM_MODES = ("approx", "exact")
@@ -145,8 +144,7 @@ def is_symmetric(adj: Tensor) -> bool:
     coo = adj.to_sparse_coo().coalesce()
     transposed = coo.t().coalesce()
     return bool(
-        torch.equal(coo.indices(), transposed.indices())
-        and torch.equal(coo.values(), transposed.values())
+        torch.equal(coo.indices(), transposed.indices()) and torch.equal(coo.values(), transposed.values())
     )
 
 
@@ -183,9 +181,7 @@ class SmAttentionPool(torch.nn.Module):
         # torchmil: no Sm at all for zero steps, alpha 0 or sm_where 'none'
         smoothing = sm_steps > 0 and sm_alpha not in (0.0, 0) and sm_where != "none"
         self.sm: torch.nn.Module = (
-            Sm(alpha=sm_alpha, num_steps=sm_steps, mode=sm_mode)
-            if smoothing
-            else torch.nn.Identity()
+            Sm(alpha=sm_alpha, num_steps=sm_steps, mode=sm_mode) if smoothing else torch.nn.Identity()
         )
         self.proj1 = torch.nn.Linear(in_dim, att_dim)
         self.proj2 = torch.nn.Linear(att_dim, 1, bias=False)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -83,8 +83,10 @@ def geometry_warnings(bag: Bag, geometry: Geometry, cells: np.ndarray, n_edges: 
     warnings = []
     shared = duplicate_cells(cells)
     if shared:
-        warnings.append(f"{shared} patches share a grid cell with another patch at patch step "
-                        f"{geometry.patch_step:g} ({geometry.source})")
+        warnings.append(
+            f"{shared} patches share a grid cell with another patch at patch step "
+            f"{geometry.patch_step:g} ({geometry.source})"
+        )
     n = bag.n_instances
     if n > 1:
         mean_degree = 2.0 * n_edges / n
@@ -92,8 +94,10 @@ def geometry_warnings(bag: Bag, geometry: Geometry, cells: np.ndarray, n_edges: 
             step = infer_patch_step(bag.coords)
             hint = f"; the coords suggest a step of {step:g}" if step is not None else ""
             what = "no edges" if n_edges == 0 else f"mean degree {mean_degree:.2f}"
-            warnings.append(f"graph has {what} at patch step {geometry.patch_step:g} "
-                            f"({geometry.source}){hint}: check --patch-size")
+            warnings.append(
+                f"graph has {what} at patch step {geometry.patch_step:g} "
+                f"({geometry.source}){hint}: check --patch-size"
+            )
     return warnings
 
 
@@ -104,8 +108,9 @@ def score_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptions
 
     started = time.perf_counter()
     if bag.features.shape[1] != model.in_dim:
-        raise BagError(f"{bag.path}: features have {bag.features.shape[1]} columns, "
-                       f"the model expects {model.in_dim}")
+        raise BagError(
+            f"{bag.path}: features have {bag.features.shape[1]} columns, the model expects {model.in_dim}"
+        )
     geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
     dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
     cells = grid_cells(bag.coords, geometry.patch_step)

@@ -10,16 +10,27 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 from smcli.errors import OutputError, UsageError
 from smcli.scoring import BagResult, BagSummary
 
 BAGS_COLUMNS = [
-    "bag_id", "path", "n_instances", "n_edges", "logit", "probability", "status", "error",
-    "seconds", "patch_step", "patch_step_source", "dist_thr", "warnings",
+    "bag_id",
+    "path",
+    "n_instances",
+    "n_edges",
+    "logit",
+    "probability",
+    "status",
+    "error",
+    "seconds",
+    "patch_step",
+    "patch_step_source",
+    "dist_thr",
+    "warnings",
 ]
 FORMATS = ("csv", "parquet")
 
@@ -178,7 +189,9 @@ class DirectorySink:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UsageError(f"{directory}: cannot create output directory ({_describe_os_error(err)})") from None
+            raise UsageError(
+                f"{directory}: cannot create output directory ({_describe_os_error(err)})"
+            ) from None
         if not os.access(directory, os.W_OK | os.X_OK):
             raise UsageError(f"{directory}: output directory is not writable")
         self.bags_path = directory / "_bags.csv"
@@ -193,10 +206,14 @@ class DirectorySink:
             if result.table is not None:
                 bag_id = result.summary.bag_id
                 if not safe_bag_id(bag_id):
-                    raise OutputError(f"{result.summary.path}: bag_id {bag_id!r} cannot be used as a file name")
+                    raise OutputError(
+                        f"{result.summary.path}: bag_id {bag_id!r} cannot be used as a file name"
+                    )
                 if bag_id in self.written:
-                    raise OutputError(f"{result.summary.path}: bag_id {bag_id!r} was already written "
-                                      "in this run (two inputs with the same name)")
+                    raise OutputError(
+                        f"{result.summary.path}: bag_id {bag_id!r} was already written "
+                        "in this run (two inputs with the same name)"
+                    )
                 write_table(result.table, self.table_path(bag_id), self.fmt)
                 self.written.add(bag_id)
         except OutputError as err:
@@ -214,5 +231,11 @@ class DirectorySink:
 
 def safe_bag_id(bag_id: str) -> bool:
     """A bag id usable as a file name inside the output directory."""
-    return bool(bag_id) and bag_id not in (".", "..") and "/" not in bag_id and "\\" not in bag_id \
-        and "\0" not in bag_id and bag_id != "_bags"
+    return (
+        bool(bag_id)
+        and bag_id not in (".", "..")
+        and "/" not in bag_id
+        and "\\" not in bag_id
+        and "\0" not in bag_id
+        and bag_id != "_bags"
+    )
