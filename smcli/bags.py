@@ -74,6 +74,17 @@ def find_bags(inputs: list[Path]) -> list[Path]:
     return found
 
 
+def peek_bag_id(path: Path) -> str:
+    """The bag id from the file's header alone (no tensor is read); the file stem if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("bag_id") or path.stem
+    except Exception:  # the real read reports what is wrong with the file
+        return path.stem
+
+
 def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Bag:
     """Read and validate one safetensors bag."""
     path = Path(path)

@@ -1,4 +1,10 @@
-"""The `score` command's work: inputs -> model -> sink, bag by bag, with a run summary."""
+"""The `score` command's work: inputs -> model -> sink, bag by bag, with a run summary.
+
+Failure isolation: one bag's failure never stops the others (unless fail_fast). An interrupt
+(smcli.errors.Interrupted, raised by the CLI's signal handlers) stops the run after the bag in
+progress is cleaned up; every file already renamed into place is complete, and the bags file is
+truthful at any moment.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smcli.bags import find_bags
-from smcli.errors import OutputError, UsageError
+from smcli.errors import Interrupted, OutputError, UsageError
 from smcli.scoring import BagResult, ScoreOptions, resolve_device, score_paths
 
 
@@ -21,24 +27,66 @@ class ScoreRequest:
     fmt: str | None = None
     device: str = "auto"
     options: ScoreOptions = field(default_factory=ScoreOptions)
+    existing: str = "fail"  # fail | skip | overwrite
+    fail_fast: bool = False
+    shard: tuple[int, int] | None = None  # (K, N), 1-based
 
 
 @dataclass
 class RunSummary:
+    total: int = 0
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    interrupted: Interrupted | None = None
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted is not None:
+            return self.interrupted.exit_code
         return 1 if self.failed else 0
 
+    def count(self, result: BagResult) -> None:
+        status = result.summary.status
+        if status == "ok":
+            self.ok += 1
+        elif status == "skipped":
+            self.skipped += 1
+        else:
+            self.failed += 1
+
     def line(self) -> str:
-        return f"{self.ok} ok, {self.skipped} skipped, {self.failed} failed"
+        text = f"{self.ok} ok, {self.skipped} skipped, {self.failed} failed"
+        if self.interrupted is not None:
+            left = self.total - self.ok - self.skipped - self.failed
+            text += f"; interrupted by {self.interrupted.signal_name}, {left} not done"
+        return text
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' with 1 <= K <= N -> (K, N)."""
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise UsageError(f"--shard must look like K/N (e.g. 3/10), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise UsageError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def select_shard(paths: list[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """The K-th of N interleaved slices of the sorted list: deterministic, disjoint, complete."""
+    if shard is None:
+        return paths
+    k, n = shard
+    return sorted(paths, key=str)[k - 1 :: n]
 
 
 def collect_inputs(inputs: list[Path]) -> list[Path]:
     """Input files and directories -> bag paths. A missing path or an empty input is a usage error."""
+    if not inputs:
+        raise UsageError("no inputs (stdin gave no paths)")
     for item in inputs:
         if not item.exists():
             raise UsageError(f"{item}: no such file or directory")
@@ -48,40 +96,54 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def open_sink(output: Path | None, fmt: str | None):
+def open_sink(request: ScoreRequest):
     from smcli.writers import DirectorySink, StdoutSink, TableSink, output_format
 
-    resolved = output_format(output, fmt)
+    output = request.output
+    resolved = output_format(output, request.fmt)
     if output is None:
         return StdoutSink()
     if output.suffix in (".csv", ".parquet"):
-        return TableSink(output, resolved)
-    return DirectorySink(output, resolved)
+        return TableSink(output, resolved, overwrite=request.existing == "overwrite")
+    bags_name = "_bags.csv" if request.shard is None else "_bags.shard-{}-of-{}.csv".format(*request.shard)
+    return DirectorySink(output, resolved, request.existing, bags_name)
 
 
-def run_score(request: ScoreRequest, report: Callable[[BagResult], None]) -> RunSummary:
-    """Score every input bag into the requested sink; `report` sees each result as it lands."""
+def run_score(
+    request: ScoreRequest,
+    report: Callable[[BagResult], None],
+    start: Callable[[int], None] = lambda total: None,
+) -> RunSummary:
+    """Score every selected bag into the requested sink.
+
+    `start(total)` is called once the bags are known; `report(result)` after each bag lands.
+    """
     from smcli.checkpoint import load_model
 
-    paths = collect_inputs(request.inputs)
+    paths = select_shard(collect_inputs(request.inputs), request.shard)
     device = resolve_device(request.device)
     model = load_model(request.model, device)
-    sink = open_sink(request.output, request.fmt)
-    options = ScoreOptions(request.options.keys, request.options.patch_size, request.options.dist_thr, device)
-    summary = RunSummary()
+    sink = open_sink(request)
+    base = request.options
+    options = ScoreOptions(base.keys, base.patch_size, base.dist_thr, device)
+    summary = RunSummary(total=len(paths))
+    start(len(paths))
     complete = False
     try:
-        for result in score_paths(paths, model, options):
+        for result in score_paths(paths, model, options, precheck=sink.precheck):
             try:
                 sink.add(result)
             except OutputError:
-                pass  # the sink marked the bag failed
-            if result.ok:
-                summary.ok += 1
-            else:
-                summary.failed += 1
+                if sink.fatal_write_errors:
+                    raise
+            summary.count(result)
             report(result)
-        complete = True
+            if request.fail_fast and summary.failed:
+                break  # a single table stopped early is not written
+        else:
+            complete = True
+    except Interrupted as signal_received:
+        summary.interrupted = signal_received
     finally:
         sink.close(complete)
     return summary

@@ -7,6 +7,7 @@ Only this module prints; torch is imported only by the commands that need it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -53,7 +54,10 @@ def _exit_on(err: SmcliError) -> typer.Exit:
 
 @app.command()
 def score(
-    inputs: Annotated[list[Path], typer.Argument(help="Bag files or directories of *.safetensors bags.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="Bag files or directories of *.safetensors bags; '-' reads paths from stdin."),
+    ],
     model: ModelOption,
     output: Annotated[
         Path | None,
@@ -74,43 +78,84 @@ def score(
     labels_key: Annotated[
         str, typer.Option("--labels-key", help="Tensor name of 0/1 instance labels.")
     ] = "labels",
+    skip_existing: Annotated[
+        bool,
+        typer.Option("--skip-existing", help="Keep bags whose output file is already complete (resume)."),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first bag that fails.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="K/N: score only the K-th of N slices of the sorted inputs."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
 ) -> None:
     """Score bags: per-patch attention logits and weights (and the bag logit with a head).
 
     Example:
-        smcli score sample_bags/ -m sample_bags/models/demo.safetensors -o scores/
+        smcli score sample_bags/ -m sample_bags/models/sm_abmil.safetensors -o scores/
     """
     from smcli.bags import BagKeys
-    from smcli.batch import ScoreRequest, run_score
+    from smcli.batch import ScoreRequest, parse_shard, run_score
+    from smcli.errors import UsageError
+    from smcli.progress import Reporter
     from smcli.scoring import ScoreOptions
 
-    for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
-        if value is not None and not value > 0:
-            _stderr(f"error: {name} must be positive, got {value}")
-            raise typer.Exit(code=2)
-    request = ScoreRequest(
-        inputs=inputs,
-        model=model,
-        output=output,
-        fmt=fmt,
-        device=device,
-        options=ScoreOptions(BagKeys(features_key, coords_key, labels_key), patch_size, dist_thr),
-    )
-
-    def report(result) -> None:
-        summary = result.summary
-        if not result.ok:
-            _stderr(f"error: {summary.error}")
-            return
-        for warning in summary.warnings:
-            _stderr(f"warning: {summary.path}: {warning}")
-
+    reporter = Reporter(quiet=quiet)
     try:
-        run = run_score(request, report)
+        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
+            if value is not None and not value > 0:
+                raise UsageError(f"{name} must be positive, got {value}")
+        if skip_existing and overwrite:
+            raise UsageError("--skip-existing and --overwrite exclude each other")
+        request = ScoreRequest(
+            inputs=_expand_stdin(inputs),
+            model=model,
+            output=output,
+            fmt=fmt,
+            device=device,
+            options=ScoreOptions(BagKeys(features_key, coords_key, labels_key), patch_size, dist_thr),
+            existing="skip" if skip_existing else "overwrite" if overwrite else "fail",
+            fail_fast=fail_fast,
+            shard=parse_shard(shard) if shard is not None else None,
+        )
+        with _signals_interrupt():
+            run = run_score(request, reporter.report, reporter.start)
     except SmcliError as err:
+        reporter.finish_quietly()
         raise _exit_on(err) from None
-    _stderr(f"smcli: {run.line()}")
+    reporter.finish(run.line())
     raise typer.Exit(code=run.exit_code)
+
+
+def _expand_stdin(inputs: list[Path]) -> list[Path]:
+    """'-' stands for the paths on stdin, one per line (e.g. from `find`)."""
+    expanded: list[Path] = []
+    for item in inputs:
+        if str(item) == "-":
+            expanded.extend(Path(line.strip()) for line in sys.stdin if line.strip())
+        else:
+            expanded.append(item)
+    return expanded
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGINT/SIGTERM raise Interrupted, so the run cleans up and exits 130/143."""
+    import signal
+
+    from smcli.errors import Interrupted
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        raise Interrupted(name, 128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @app.command()

@@ -31,3 +31,12 @@ class OutputError(SmcliError):
     """An output file could not be written."""
 
     exit_code = 1
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived. A BaseException so that no `except Exception` swallows it."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code

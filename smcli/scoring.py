@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from smcli.bags import Bag, BagKeys, Geometry, load_bag, resolve_geometry
+from smcli.bags import Bag, BagKeys, Geometry, load_bag, peek_bag_id, resolve_geometry
 from smcli.checkpoint import LoadedModel
 from smcli.errors import BagError, SmcliError, UsageError
 from smcli.graph import build_adjacency, duplicate_cells, grid_cells
@@ -164,15 +164,23 @@ def failed(path: Path, error: SmcliError | str, bag_id: str | None = None) -> Ba
 
 
 def score_paths(
-    paths: Iterable[Path], model: LoadedModel, options: ScoreOptions = ScoreOptions()
+    paths: Iterable[Path],
+    model: LoadedModel,
+    options: ScoreOptions = ScoreOptions(),
+    precheck: Callable[[Path, str], BagResult | None] | None = None,
 ) -> Iterator[BagResult]:
     """Score bags one by one, reading the next bag while the current one computes.
 
-    A bag that cannot be read or scored yields a result with status 'error'; the others go on.
+    `precheck(path, bag_id)` may answer for a bag before it is read (e.g. output already there);
+    a bag that cannot be read or scored yields a result with status 'error'; the others go on.
     """
     paths = list(paths)
 
-    def read(path: Path):
+    def read(path: Path) -> Bag | BagResult | SmcliError:
+        if precheck is not None:
+            answer = precheck(path, peek_bag_id(path))
+            if answer is not None:
+                return answer
         try:
             return load_bag(path, options.keys)
         except SmcliError as err:
@@ -183,12 +191,14 @@ def score_paths(
         for index, path in enumerate(paths):
             loaded = pending.result()
             pending = reader.submit(read, paths[index + 1]) if index + 1 < len(paths) else None
-            if isinstance(loaded, SmcliError):
+            if isinstance(loaded, BagResult):
+                yield loaded
+            elif isinstance(loaded, SmcliError):
                 yield failed(path, loaded)
-                continue
-            try:
-                yield score_bag(model, loaded, options)
-            except SmcliError as err:
-                yield failed(path, err, loaded.bag_id)
-            finally:
+            else:
+                try:
+                    result = score_bag(model, loaded, options)
+                except SmcliError as err:
+                    result = failed(path, err, loaded.bag_id)
                 del loaded
+                yield result

@@ -102,8 +102,13 @@ def output_format(output: Path | None, requested: str | None) -> str:
 class StdoutSink:
     """All bags as one CSV on stdout; nothing else goes to stdout."""
 
+    fatal_write_errors = True
+
     def __init__(self) -> None:
         self.header_written = False
+
+    def precheck(self, path: Path, bag_id: str) -> BagResult | None:
+        return None
 
     def add(self, result: BagResult) -> None:
         if result.table is None:
@@ -117,9 +122,14 @@ class StdoutSink:
 
 
 class TableSink:
-    """Every bag into one table file, streamed to a temporary file and renamed at the end."""
+    """Every bag into one table file, streamed to a temporary file and renamed at the end.
 
-    def __init__(self, path: Path, fmt: str) -> None:
+    All or nothing: an interrupted or failed run leaves no table (use a directory to resume).
+    """
+
+    fatal_write_errors = True
+
+    def __init__(self, path: Path, fmt: str, overwrite: bool = False) -> None:
         self.path = path
         self.fmt = fmt
         self.bags_path = path.with_name(f"{path.stem}_bags.csv")
@@ -130,14 +140,22 @@ class TableSink:
         self.started = False
         if not path.parent.is_dir():
             raise UsageError(f"{path}: the directory {path.parent} does not exist")
+        if path.exists() and not overwrite:
+            raise UsageError(f"{path}: output exists; pass --overwrite to replace it")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{path}: the directory {path.parent} is not writable")
+
+    def precheck(self, path: Path, bag_id: str) -> BagResult | None:
+        return None
 
     def add(self, result: BagResult) -> None:
         try:
             if result.table is not None:
                 self._append(result)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             self._discard()
-            raise OutputError(f"{self.path}: cannot write ({_describe_os_error(err)})") from None
+            reason = _describe_os_error(err) if isinstance(err, OSError) else str(err).splitlines()[0]
+            raise OutputError(f"{self.path}: cannot write ({reason})") from None
         self.summaries.append(result.summary)
 
     def _append(self, result: BagResult) -> None:
@@ -152,7 +170,7 @@ class TableSink:
                 self.schema = arrow.schema
                 self.writer = pq.ParquetWriter(self.tmp, self.schema)
             elif arrow.schema != self.schema:
-                arrow = arrow.cast(self.schema)
+                arrow = arrow.cast(self.schema)  # e.g. int coords after float ones
             self.writer.write_table(arrow)
         self.started = True
 
@@ -180,12 +198,24 @@ class TableSink:
             raise OutputError(f"{self.path}: cannot write ({_describe_os_error(err)})") from None
 
 
-class DirectorySink:
-    """One file per bag plus `_bags.csv`, each written atomically."""
+EXISTING_POLICIES = ("fail", "skip", "overwrite")
 
-    def __init__(self, directory: Path, fmt: str) -> None:
+
+class DirectorySink:
+    """One file per bag plus `_bags.csv` (rewritten after every bag), each written atomically.
+
+    existing: what to do when a bag's output file is already there: 'fail' the bag (default),
+    'skip' it when the file is complete, or 'overwrite' it.
+    """
+
+    fatal_write_errors = False
+
+    def __init__(
+        self, directory: Path, fmt: str, existing: str = "fail", bags_name: str = "_bags.csv"
+    ) -> None:
         self.directory = directory
         self.fmt = fmt
+        self.existing = existing
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -194,12 +224,40 @@ class DirectorySink:
             ) from None
         if not os.access(directory, os.W_OK | os.X_OK):
             raise UsageError(f"{directory}: output directory is not writable")
-        self.bags_path = directory / "_bags.csv"
+        self.bags_path = directory / bags_name
+        self.previous = self._previous_rows()
         self.summaries: list[BagSummary] = []
-        self.written: set[str] = set()
+        self.claimed: set[str] = set()
 
     def table_path(self, bag_id: str) -> Path:
         return self.directory / f"{bag_id}.{self.fmt}"
+
+    def _previous_rows(self) -> dict[str, dict]:
+        """Rows of an earlier run's bags file, to carry into 'skipped' rows."""
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(self.bags_path, keep_default_na=False)
+        except (OSError, ValueError):
+            return {}
+        rows = frame.to_dict("records")
+        return {str(row["bag_id"]): row for row in rows if row.get("n_instances") not in ("", None)}
+
+    def precheck(self, path: Path, bag_id: str) -> BagResult | None:
+        """Answer for a bag whose output exists, before it is read."""
+        target = self.table_path(bag_id) if safe_bag_id(bag_id) else None
+        if target is None or not target.exists() or self.existing == "overwrite":
+            return None
+        if self.existing == "skip" and table_is_complete(target, self.fmt):
+            return skipped_result(path, bag_id, self.previous.get(bag_id))
+        if self.existing == "skip":
+            return None  # an incomplete file (not written by smcli): score the bag again
+        result = skipped_result(path, bag_id, self.previous.get(bag_id))  # keeps the earlier figures
+        result.summary.status = "error"
+        result.summary.error = (
+            f"{target} exists; pass --skip-existing to keep it or --overwrite to replace it"
+        )
+        return result
 
     def add(self, result: BagResult) -> None:
         try:
@@ -209,24 +267,64 @@ class DirectorySink:
                     raise OutputError(
                         f"{result.summary.path}: bag_id {bag_id!r} cannot be used as a file name"
                     )
-                if bag_id in self.written:
+                if bag_id in self.claimed:
                     raise OutputError(
-                        f"{result.summary.path}: bag_id {bag_id!r} was already written "
-                        "in this run (two inputs with the same name)"
+                        f"{result.summary.path}: bag_id {bag_id!r} was already written in this run "
+                        "(two inputs with the same name)"
                     )
                 write_table(result.table, self.table_path(bag_id), self.fmt)
-                self.written.add(bag_id)
+                self.claimed.add(bag_id)
         except OutputError as err:
             result.summary.status = "error"
             result.summary.error = str(err)
             result.table = None
+            self._record(result)
             raise
-        finally:
-            self.summaries.append(result.summary)
-            write_table(summaries_frame(self.summaries), self.bags_path, "csv")
+        self._record(result)
+
+    def _record(self, result: BagResult) -> None:
+        self.summaries.append(result.summary)
+        write_table(summaries_frame(self.summaries), self.bags_path, "csv")
 
     def close(self, complete: bool) -> None:
         return None
+
+
+def table_is_complete(path: Path, fmt: str) -> bool:
+    """True if `path` is a whole table (smcli renames files into place only when complete)."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_metadata(path)
+            return True
+        with open(path, "rb") as handle:
+            first = handle.readline()
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 1))
+            last = handle.read(1)
+        return first.startswith(b"bag_id,instance,") and last == b"\n"
+    except Exception:
+        return False
+
+
+def skipped_result(path: Path, bag_id: str, previous: dict | None) -> BagResult:
+    summary = BagSummary(bag_id=bag_id, path=str(path), status="skipped")
+    if previous:
+        for name in (
+            "n_instances",
+            "n_edges",
+            "logit",
+            "probability",
+            "patch_step",
+            "patch_step_source",
+            "dist_thr",
+        ):
+            value = previous.get(name)
+            if value not in ("", None):
+                setattr(summary, name, value)
+    return BagResult(summary)
 
 
 def safe_bag_id(bag_id: str) -> bool:
@@ -234,8 +332,6 @@ def safe_bag_id(bag_id: str) -> bool:
     return (
         bool(bag_id)
         and bag_id not in (".", "..")
-        and "/" not in bag_id
-        and "\\" not in bag_id
-        and "\0" not in bag_id
-        and bag_id != "_bags"
+        and not bag_id.startswith("_bags")
+        and not any(ch in bag_id for ch in "/\\\0")
     )

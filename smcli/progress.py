@@ -1,0 +1,93 @@
+"""What `smcli score` tells the user on stderr while it runs.
+
+A rich progress bar when stderr is a terminal (bags done / total, patches per second, ETA, the
+latest bag); otherwise plain log lines about every 5% or 30 s; with quiet, nothing but errors.
+Errors and warnings are one line each, always starting with `error:` / `warning:`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from smcli.scoring import BagResult
+
+LOG_EVERY_SECONDS = 30.0
+
+
+class Reporter:
+    def __init__(self, quiet: bool = False, interactive: bool | None = None) -> None:
+        self.quiet = quiet
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.total = 0
+        self.done = 0
+        self.patches = 0
+        self.started = time.perf_counter()
+        self.last_log = self.started
+        self.progress = None
+        self.task = None
+
+    def line(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.started = self.last_log = time.perf_counter()
+        if self.quiet or not self.interactive:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[bag]}"),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("score", total=total, rate="", bag="")
+
+    def report(self, result: BagResult) -> None:
+        summary = result.summary
+        self.done += 1
+        if summary.status == "ok":
+            self.patches += summary.n_instances or 0
+        if summary.status == "error":
+            self.line(f"error: {summary.error}")
+        elif not self.quiet:
+            for warning in summary.warnings:
+                self.line(f"warning: {summary.path}: {warning}")
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate = f"{self.patches / elapsed:,.0f} patches/s"
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, rate=rate, bag=summary.bag_id)
+        elif not self.quiet and self._log_due():
+            self.line(f"smcli: {self.done}/{self.total} bags, {rate}")
+
+    def _log_due(self) -> bool:
+        now = time.perf_counter()
+        every_5_percent = self.total >= 20 and self.done % (self.total // 20) == 0
+        if every_5_percent or now - self.last_log >= LOG_EVERY_SECONDS:
+            self.last_log = now
+            return self.done < self.total  # the final summary line covers the last bag
+        return False
+
+    def finish_quietly(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def finish(self, summary_line: str) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if not self.quiet:
+            elapsed = time.perf_counter() - self.started
+            print(f"smcli: {summary_line} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
