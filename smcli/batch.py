@@ -9,12 +9,12 @@ truthful at any moment.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from smcli.bags import find_bags
 from smcli.errors import Interrupted, OutputError, UsageError
-from smcli.scoring import BagResult, ScoreOptions, resolve_device, score_paths
+from smcli.scoring import BagResult, ScoreOptions, resolve_device, score_bags
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,13 @@ def run_score(
     device = resolve_device(request.device)
     model = load_model(request.model, device)
     sink = open_sink(request)
-    base = request.options
-    options = ScoreOptions(base.keys, base.patch_size, base.dist_thr, device)
+    sink.model_config_json = model.config.to_json()
+    options = replace(request.options, device=device)
     summary = RunSummary(total=len(paths))
     start(len(paths))
     complete = False
     try:
-        for result in score_paths(paths, model, options, precheck=sink.precheck):
+        for result in score_bags(paths, model, options, precheck=sink.precheck):
             try:
                 sink.add(result)
             except OutputError:

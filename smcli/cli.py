@@ -89,6 +89,9 @@ def score(
         typer.Option("--shard", help="K/N: score only the K-th of N slices of the sorted inputs."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Keep only the K highest-attention patches per bag, ranked.")
+    ] = None,
 ) -> None:
     """Score bags: per-patch attention logits and weights (and the bag logit with a head).
 
@@ -106,6 +109,8 @@ def score(
         for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
             if value is not None and not value > 0:
                 raise UsageError(f"{name} must be positive, got {value}")
+        if top_k is not None and top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {top_k}")
         if skip_existing and overwrite:
             raise UsageError("--skip-existing and --overwrite exclude each other")
         request = ScoreRequest(
@@ -114,7 +119,9 @@ def score(
             output=output,
             fmt=fmt,
             device=device,
-            options=ScoreOptions(BagKeys(features_key, coords_key, labels_key), patch_size, dist_thr),
+            options=ScoreOptions(
+                BagKeys(features_key, coords_key, labels_key), patch_size, dist_thr, top_k=top_k
+            ),
             existing="skip" if skip_existing else "overwrite" if overwrite else "fail",
             fail_fast=fail_fast,
             shard=parse_shard(shard) if shard is not None else None,

@@ -27,6 +27,7 @@ class ScoreOptions:
     patch_size: float | None = None
     dist_thr: float | None = None
     device: str = "cpu"
+    top_k: int | None = None  # keep only the K highest-attention patches (ties: lower instance first)
 
 
 @dataclass
@@ -46,6 +47,29 @@ class BagSummary:
     patch_step_source: str = ""
     dist_thr: float | None = None
     warnings: list[str] = field(default_factory=list)
+    auroc: float | None = None  # attention_logit vs instance labels, when the bag has both classes
+    input_bytes: int | None = None
+    model_sha256: str = ""
+    device: str = ""
+    smcli_version: str = ""
+    scored_at: str = ""  # UTC, ISO 8601; kept out of the tables so they are reproducible
+
+    def provenance(self, model_config_json: str = "") -> dict[str, str]:
+        """Key-value metadata for a bag's table: how its numbers were made (no wall-clock time)."""
+        fields = {
+            "smcli_version": self.smcli_version,
+            "bag_id": self.bag_id,
+            "input_path": self.path,
+            "input_bytes": self.input_bytes,
+            "model_sha256": self.model_sha256,
+            "model_config": model_config_json,
+            "patch_step": self.patch_step,
+            "patch_step_source": self.patch_step_source,
+            "dist_thr": self.dist_thr,
+            "n_edges": self.n_edges,
+            "device": self.device,
+        }
+        return {f"smcli.{key}": "" if value is None else str(value) for key, value in fields.items()}
 
 
 @dataclass
@@ -101,11 +125,23 @@ def geometry_warnings(bag: Bag, geometry: Geometry, cells: np.ndarray, n_edges: 
     return warnings
 
 
-def score_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptions()) -> BagResult:
-    """Score one loaded bag. Raises BagError for problems with this bag."""
+def score_bag(model: LoadedModel, bag: Bag | str | Path, options: ScoreOptions = ScoreOptions()) -> BagResult:
+    """Score one bag (a loaded Bag, or a path to read). Raises BagError for problems with this bag.
+
+    Returns the per-instance table (INSTANCE_COLUMNS, plus `label` when the bag has labels) and
+    the bag's summary row.
+    """
+    import datetime
+
     import pandas as pd
     import torch
 
+    from smcli import __version__
+    from smcli.metrics import auroc
+    from smcli.model import SmSolveError
+
+    if not isinstance(bag, Bag):
+        bag = load_bag(bag, options.keys)
     started = time.perf_counter()
     if bag.features.shape[1] != model.in_dim:
         raise BagError(
@@ -119,26 +155,28 @@ def score_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptions
     device = torch.device(options.device)
     features = bag.features.to(device, non_blocking=True)
     adj = adjacency.to_torch(torch.float32, device)
-    from smcli.model import SmSolveError
-
     try:
         out = model.module.attention(features, adj)
     except SmSolveError as err:
         raise BagError(f"{bag.path}: {err}") from None
-    logits = out.attention_logit
-    weights = torch.softmax(logits, dim=0)
+    logits = out.attention_logit.cpu().numpy()
+    weights = torch.softmax(out.attention_logit, dim=0).cpu().numpy()
 
     columns = {
         "bag_id": bag.bag_id,
         "instance": np.arange(bag.n_instances, dtype=np.int64),
         "x": bag.coords[:, 0],
         "y": bag.coords[:, 1],
-        "attention_logit": logits.cpu().numpy(),
-        "attention_weight": weights.cpu().numpy(),
+        "attention_logit": logits,
+        "attention_weight": weights,
     }
     if bag.labels is not None:
         columns["label"] = bag.labels
     table = pd.DataFrame(columns)
+    if options.top_k is not None:
+        # stable sort on -logit keeps equal logits in instance order
+        order = np.argsort(-logits, kind="stable")[: options.top_k]
+        table = table.iloc[order].reset_index(drop=True)
 
     probability = None
     if out.bag_logit is not None:
@@ -154,16 +192,29 @@ def score_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptions
         patch_step_source=geometry.source,
         dist_thr=dist_thr,
         warnings=geometry_warnings(bag, geometry, cells, adjacency.n_edges),
+        auroc=auroc(logits, bag.labels) if bag.labels is not None else None,
+        input_bytes=_file_size(bag.path),
+        model_sha256=model.sha256,
+        device=str(device),
+        smcli_version=__version__,
+        scored_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     summary.seconds = time.perf_counter() - started
     return BagResult(summary, table)
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def failed(path: Path, error: SmcliError | str, bag_id: str | None = None) -> BagResult:
     return BagResult(BagSummary(bag_id=bag_id or path.stem, path=str(path), status="error", error=str(error)))
 
 
-def score_paths(
+def score_bags(
     paths: Iterable[Path],
     model: LoadedModel,
     options: ScoreOptions = ScoreOptions(),
@@ -174,7 +225,7 @@ def score_paths(
     `precheck(path, bag_id)` may answer for a bag before it is read (e.g. output already there);
     a bag that cannot be read or scored yields a result with status 'error'; the others go on.
     """
-    paths = list(paths)
+    paths = [Path(p) for p in paths]
 
     def read(path: Path) -> Bag | BagResult | SmcliError:
         if precheck is not None:

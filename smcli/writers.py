@@ -17,7 +17,7 @@ from pathlib import Path
 from smcli.errors import OutputError, UsageError
 from smcli.scoring import BagResult, BagSummary
 
-BAGS_COLUMNS = [
+BAGS_COLUMNS = [  # the first nine are the core columns; localization and provenance follow
     "bag_id",
     "path",
     "n_instances",
@@ -27,10 +27,16 @@ BAGS_COLUMNS = [
     "status",
     "error",
     "seconds",
+    "auroc",
+    "warnings",
     "patch_step",
     "patch_step_source",
     "dist_thr",
-    "warnings",
+    "input_bytes",
+    "model_sha256",
+    "device",
+    "smcli_version",
+    "scored_at",
 ]
 FORMATS = ("csv", "parquet")
 
@@ -138,6 +144,7 @@ class TableSink:
         self.writer = None
         self.schema = None
         self.started = False
+        self.model_config_json = ""
         if not path.parent.is_dir():
             raise UsageError(f"{path}: the directory {path.parent} does not exist")
         if path.exists() and not overwrite:
@@ -174,6 +181,19 @@ class TableSink:
             self.writer.write_table(arrow)
         self.started = True
 
+    def _provenance(self) -> dict[str, str]:
+        """File metadata of a multi-bag table: the shared fields, then every bag's, as JSON."""
+        import json
+
+        per_bag = [s.provenance(self.model_config_json) for s in self.summaries if s.status == "ok"]
+        shared = (
+            {k: v for k, v in per_bag[0].items() if all(p.get(k) == v for p in per_bag)} if per_bag else {}
+        )
+        shared["smcli.bags"] = json.dumps(
+            [{k: v for k, v in p.items() if k not in shared} for p in per_bag], sort_keys=True
+        )
+        return shared
+
     def _discard(self) -> None:
         if self.writer is not None:
             with contextlib.suppress(Exception):
@@ -188,6 +208,7 @@ class TableSink:
             return
         try:
             if self.writer is not None:
+                self.writer.add_key_value_metadata(self._provenance())
                 self.writer.close()
                 self.writer = None
             if self.started:
@@ -228,6 +249,7 @@ class DirectorySink:
         self.previous = self._previous_rows()
         self.summaries: list[BagSummary] = []
         self.claimed: set[str] = set()
+        self.model_config_json = ""
 
     def table_path(self, bag_id: str) -> Path:
         return self.directory / f"{bag_id}.{self.fmt}"
@@ -272,7 +294,8 @@ class DirectorySink:
                         f"{result.summary.path}: bag_id {bag_id!r} was already written in this run "
                         "(two inputs with the same name)"
                     )
-                write_table(result.table, self.table_path(bag_id), self.fmt)
+                metadata = result.summary.provenance(self.model_config_json)
+                write_table(result.table, self.table_path(bag_id), self.fmt, metadata)
                 self.claimed.add(bag_id)
         except OutputError as err:
             result.summary.status = "error"
