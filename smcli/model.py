@@ -34,6 +34,7 @@ ACTIVATIONS = {
 }
 
 SOLVE_RTOL = 1e-10  # bound on the relative error (energy norm) of the exact solve, in float64
+SOLVE_BLOCK_COLUMNS = 64  # columns solved together: amortizes the sparse reads, caps float64 memory
 
 
 class SmSolveError(RuntimeError):
@@ -115,27 +116,40 @@ def exact_sm(f: Tensor, adj: Tensor, coef: float, rtol: float = SOLVE_RTOL) -> T
         return f.clone()
     adj64 = adj.to(torch.float64)
     low, high = sorted((1.0, 1.0 + 2.0 * coef))  # spectrum of M
-    centre, half_width = (high + low) / 2, (high - low) / 2
     kappa = high / low
     rho = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
     steps = max(1, math.ceil(math.log(rtol / (2 * math.sqrt(kappa))) / math.log(rho)))
+    out = torch.empty_like(f)
+    for start in range(0, f.shape[1], SOLVE_BLOCK_COLUMNS):  # bounded float64 working set
+        block = f[:, start : start + SOLVE_BLOCK_COLUMNS]
+        out[:, start : start + SOLVE_BLOCK_COLUMNS] = _chebyshev(block, adj64, coef, low, high, steps)
+    return out
 
-    x = f.to(torch.float64) / (1.0 + coef)  # exact where A vanishes (isolated patches)
-    # r0 = f - M x0 = coef/(1+coef) A f, without keeping f in float64
-    residual = torch.mm(adj64, x) * coef  # (N, C)
-    update = residual / centre
-    product = torch.empty_like(x)
+
+def _chebyshev(f: Tensor, adj64: Tensor, coef: float, low: float, high: float, steps: int) -> Tensor:
+    """Chebyshev iteration (Saad, Iterative Methods, alg. 12.1) for M g = f, M = (1+coef) I - coef A.
+
+    The direction d is kept as scale * unscaled so that its update is a single in-place pass.
+    """
+    centre, half_width = (high + low) / 2, (high - low) / 2
     sigma = centre / half_width
+    x = f.to(torch.float64) / (1.0 + coef)  # exact where A vanishes (isolated patches)
+    residual = torch.mm(adj64, x).mul_(coef)  # r0 = f - M x0 = coef A x0, (N, C)
+    unscaled, scale = residual.clone(), 1.0 / centre  # d0 = r0 / centre
+    product = torch.empty_like(x)
     ratio = 1.0 / sigma
     for _ in range(steps):
-        x += update
-        torch.addmm(update, adj64, update, beta=1.0 + coef, alpha=-coef, out=product)  # M d
+        x.add_(unscaled, alpha=scale)
+        # M d = scale * ((1 + coef) u - coef A u)
+        torch.addmm(unscaled, adj64, unscaled, beta=(1.0 + coef) * scale, alpha=-coef * scale, out=product)
         residual -= product
         next_ratio = 1.0 / (2.0 * sigma - ratio)
-        # d <- ratio' ratio d + (2 ratio' / half_width) r, in one pass
-        torch.add(update.mul_(next_ratio * ratio), residual, alpha=2.0 * next_ratio / half_width, out=update)
+        # d' = next_ratio ratio d + (2 next_ratio / half_width) r
+        decay = next_ratio * ratio
+        unscaled.add_(residual, alpha=2.0 * next_ratio / half_width / (decay * scale))
+        scale *= decay
         ratio = next_ratio
-    x += update
+    x.add_(unscaled, alpha=scale)
     return x.to(f.dtype)
 
 
