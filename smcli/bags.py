@@ -2,6 +2,8 @@
 
 A safetensors bag holds `features` (N, D) [or (1, N, D)] in float16/bfloat16/float32/float64 and
 `coords` (N, 2), integer or float, plus optional string metadata `patch_size` and `bag_id`.
+HDF5 bags (TRIDENT, CLAM, STAMP) are recognised by their signature, whatever the file is called,
+and read by smcli.h5bags; both readers end in the same checks (`validate_tensors`).
 Every problem is a BagError whose message starts with the file name.
 """
 
@@ -17,7 +19,8 @@ from smcli.errors import BagError
 from smcli.graph import infer_patch_step
 
 FEATURE_DTYPES = ("float16", "bfloat16", "float32", "float64")
-BAG_SUFFIXES = (".safetensors",)
+BAG_SUFFIXES = (".safetensors", ".h5", ".hdf5")
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 of every file h5py writes (no user block)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Bag:
     features: torch tensor (N, D) as stored (dtype preserved; the model converts per chunk).
     coords: (N, 2) numpy array as stored.  labels: (N,) 0/1 numpy array, or None.
     patch_size: step from the file's metadata, or None.
+    metadata: the file's string metadata, plus `format` (safetensors, trident, clam, stamp or h5)
+    and, when patch_size is set, `patch_size_source` (where in the file it was read).
     """
 
     path: Path
@@ -74,8 +79,19 @@ def find_bags(inputs: list[Path]) -> list[Path]:
     return found
 
 
+def is_hdf5(path: Path) -> bool:
+    """True if the file starts with the HDF5 signature (content, not extension, decides)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
 def peek_bag_id(path: Path) -> str:
     """The bag id from the file's header alone (no tensor is read); the file stem if unreadable."""
+    if is_hdf5(path):  # h5 bags carry no bag id: the stem, as for their own tools
+        return path.stem
     from safetensors import safe_open
 
     try:
@@ -86,14 +102,22 @@ def peek_bag_id(path: Path) -> str:
 
 
 def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Bag:
-    """Read and validate one safetensors bag."""
+    """Read and validate one bag: HDF5 if the file says so, safetensors otherwise."""
     path = Path(path)
-    from safetensors import SafetensorError, safe_open
-
     if not path.exists():
         raise _fail(path, "no such file")
     if path.is_dir():
         raise _fail(path, "is a directory, not a bag file")
+    if is_hdf5(path):
+        from smcli.h5bags import load_h5_bag
+
+        return load_h5_bag(path, keys, with_labels)
+    return _load_safetensors_bag(path, keys, with_labels)
+
+
+def _load_safetensors_bag(path: Path, keys: BagKeys, with_labels: bool) -> Bag:
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
@@ -112,29 +136,49 @@ def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = Tr
         raise _fail(path, "permission denied") from None
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _fail(path, f"not a safetensors bag or corrupt header ({detail[:120]})") from None
+        raise _fail(
+            path, f"not a safetensors bag or corrupt header ({detail[:120]}); not an HDF5 file either"
+        ) from None
 
+    features, coords, labels = validate_tensors(path, features, coords_tensor, labels_tensor, keys)
+    patch_size = None
+    metadata["format"] = "safetensors"
+    if "patch_size" in metadata:
+        patch_size = parse_patch_size(path, metadata["patch_size"], "metadata patch_size")
+        metadata["patch_size_source"] = "metadata['patch_size']"
+    bag_id = metadata.get("bag_id") or path.stem
+    return Bag(path, bag_id, features, coords, patch_size, labels, metadata)
+
+
+def validate_tensors(path: Path, features, coords, labels, keys: BagKeys):
+    """The checks every reader ends in: dtypes, shapes, finiteness, row counts, 0/1 labels.
+
+    features: torch (N, D) or (1, N, D); coords: torch (N, 2) or (1, N, 2); labels: torch (N,) or None.
+    Returns (features (N, D) torch, coords (N, 2) numpy, labels (N,) int8 numpy or None).
+    Error messages use the names in `keys` (the names inside the file).
+    """
     features = _check_features(path, features, keys.features)
-    coords = _check_coords(path, coords_tensor, keys.coords)
+    coords = _check_coords(path, coords, keys.coords)
     if coords.shape[0] != features.shape[0]:
         raise _fail(
             path, f"{keys.features} has {features.shape[0]} rows but {keys.coords} has {coords.shape[0]}"
         )
     if features.shape[0] == 0:
         raise _fail(path, "empty bag (0 patches): nothing to score")
-    labels = (
-        None if labels_tensor is None else _check_labels(path, labels_tensor, keys.labels, coords.shape[0])
-    )
-    patch_size = None
-    if "patch_size" in metadata:
-        try:
-            patch_size = float(metadata["patch_size"])
-        except ValueError:
-            raise _fail(path, f"metadata patch_size {metadata['patch_size']!r} is not a number") from None
-        if not (math.isfinite(patch_size) and patch_size > 0):
-            raise _fail(path, f"metadata patch_size {metadata['patch_size']!r} must be positive")
-    bag_id = metadata.get("bag_id") or path.stem
-    return Bag(path, bag_id, features, coords, patch_size, labels, metadata)
+    if labels is not None:
+        labels = _check_labels(path, labels, keys.labels, coords.shape[0])
+    return features, coords, labels
+
+
+def parse_patch_size(path: Path, value, where: str) -> float:
+    """A stored patch step (string or number) -> positive float; `where` names it in errors."""
+    try:
+        patch_size = float(value)
+    except (TypeError, ValueError):
+        raise _fail(path, f"{where} {value!r} is not a number") from None
+    if not (math.isfinite(patch_size) and patch_size > 0):
+        raise _fail(path, f"{where} {value!r} must be positive")
+    return patch_size
 
 
 def _check_features(path: Path, features, name: str):
@@ -161,20 +205,33 @@ def _check_features(path: Path, features, name: str):
     return features
 
 
-def _check_coords(path: Path, coords, name: str) -> np.ndarray:
+def _dtype_name(tensor) -> str:
+    return str(tensor.dtype).replace("torch.", "")
+
+
+def _numeric_array(tensor) -> np.ndarray | None:
+    """The tensor as a numpy integer/float array, or None for bool, complex, float8 and the like."""
     import torch
 
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        return None
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.to(torch.float32)
+    try:
+        array = tensor.numpy()
+    except TypeError:  # dtypes numpy has no counterpart for (float8, uint16 on old numpy, ...)
+        return None
+    return array if array.dtype.kind in "iuf" else None
+
+
+def _check_coords(path: Path, coords, name: str) -> np.ndarray:
     if coords.dim() == 3 and coords.shape[0] == 1:
         coords = coords[0]
     if coords.dim() != 2 or coords.shape[1] != 2:
         raise _fail(path, f"{name} must have shape (N, 2), got {tuple(coords.shape)}")
-    if coords.dtype == torch.bool or coords.is_complex():
-        raise _fail(
-            path, f"{name} has dtype {str(coords.dtype).replace('torch.', '')}; expected integer or float"
-        )
-    if coords.dtype in (torch.bfloat16, torch.float16):
-        coords = coords.to(torch.float32)
-    array = coords.numpy()
+    array = _numeric_array(coords)
+    if array is None:
+        raise _fail(path, f"{name} has dtype {_dtype_name(coords)}; expected integer or float")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int((~np.isfinite(array).all(axis=1)).sum())
         raise _fail(path, f"{name} has non-finite values in {bad} rows")
@@ -184,9 +241,12 @@ def _check_coords(path: Path, coords, name: str) -> np.ndarray:
 def _check_labels(path: Path, labels, name: str, n: int) -> np.ndarray:
     import torch
 
-    if labels.dtype == torch.bfloat16:
-        labels = labels.to(torch.float32)
-    array = labels.reshape(-1).numpy()
+    array = None if labels.dtype == torch.bool else _numeric_array(labels)
+    if labels.dtype == torch.bool:
+        array = labels.numpy()
+    if array is None:
+        raise _fail(path, f"{name} has dtype {_dtype_name(labels)}; expected 0/1 integers")
+    array = array.reshape(-1)
     if array.shape[0] != n:
         raise _fail(path, f"{name} must have one value per patch ({n}), got shape {tuple(labels.shape)}")
     if not np.isin(array, (0, 1)).all():

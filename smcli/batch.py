@@ -92,7 +92,9 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
             raise UsageError(f"{item}: no such file or directory")
     paths = find_bags(inputs)
     if not paths:
-        raise UsageError(f"no bags found in {', '.join(str(i) for i in inputs)} (looked for *.safetensors)")
+        raise UsageError(
+            f"no bags found in {', '.join(str(i) for i in inputs)} (looked for *.safetensors, *.h5, *.hdf5)"
+        )
     return paths
 
 

@@ -7,7 +7,6 @@ Only this module prints; torch is imported only by the commands that need it.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -56,7 +55,9 @@ def _exit_on(err: SmcliError) -> typer.Exit:
 def score(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="Bag files or directories of *.safetensors bags; '-' reads paths from stdin."),
+        typer.Argument(
+            help="Bag files (.safetensors, .h5) or directories of them; '-' reads paths from stdin."
+        ),
     ],
     model: ModelOption,
     output: Annotated[
@@ -101,6 +102,7 @@ def score(
     from smcli.bags import BagKeys
     from smcli.batch import ScoreRequest, parse_shard, run_score
     from smcli.errors import UsageError
+    from smcli.interrupts import GUARD
     from smcli.progress import Reporter
     from smcli.scoring import ScoreOptions
 
@@ -126,7 +128,7 @@ def score(
             fail_fast=fail_fast,
             shard=parse_shard(shard) if shard is not None else None,
         )
-        with _signals_interrupt():
+        with GUARD.installed():  # SIGINT/SIGTERM: clean up, summarize, exit 130/143
             run = run_score(request, reporter.report, reporter.start)
     except SmcliError as err:
         reporter.finish_quietly()
@@ -144,25 +146,6 @@ def _expand_stdin(inputs: list[Path]) -> list[Path]:
         else:
             expanded.append(item)
     return expanded
-
-
-@contextlib.contextmanager
-def _signals_interrupt():
-    """SIGINT/SIGTERM raise Interrupted, so the run cleans up and exits 130/143."""
-    import signal
-
-    from smcli.errors import Interrupted
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        raise Interrupted(name, 128 + signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 @app.command()
@@ -209,6 +192,210 @@ def convert(
         f"in_dim {pool.in_dim}, att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, "
         f"alpha {pool.sm_alpha})"
     )
+
+
+FeaturesKeyOption = Annotated[
+    str, typer.Option("--features-key", help="Name of the features tensor/dataset.")
+]
+CoordsKeyOption = Annotated[str, typer.Option("--coords-key", help="Name of the coordinates tensor/dataset.")]
+LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 0/1 instance labels.")]
+
+
+@app.command("convert-bag")
+def convert_bag(
+    source: Annotated[Path, typer.Argument(help="Bag to convert: TRIDENT/CLAM/STAMP .h5 or safetensors.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bag to write (.safetensors).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
+) -> None:
+    """Write any bag smcli reads as a safetensors bag, its geometry kept in the metadata.
+
+    The metadata gets bag_id, source_format, coords_units and patch_size (when the source knows
+    its step, e.g. TRIDENT's patch_size_level0 or STAMP's tile_size_um). Written atomically.
+
+    Example:
+        smcli convert-bag trident/features_uni_v1/slide_01.h5 -o bags/slide_01.safetensors
+    """
+    from smcli.bags import BagKeys
+    from smcli.h5bags import convert_to_safetensors
+
+    try:
+        bag = convert_to_safetensors(source, output, BagKeys(features_key, coords_key, labels_key), overwrite)
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    step = "no patch_size (inferred later)" if bag.patch_size is None else f"patch_size {bag.patch_size:g}"
+    _stderr(
+        f"smcli: wrote {output} ({bag.metadata.get('format', 'safetensors')}, {bag.n_instances} patches "
+        f"x {bag.features.shape[1]}, {step})"
+    )
+
+
+@app.command("inspect")
+def inspect_files(
+    files: Annotated[list[Path], typer.Argument(help="Bags (.safetensors, .h5) and/or smcli checkpoints.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (a list).")] = False,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="Grid bags as this checkpoint would (its patch_size, dist_thr)."),
+    ] = None,
+    patch_size: PatchSizeOption = None,
+    dist_thr: DistThrOption = None,
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
+) -> None:
+    """Show what a file holds: a bag's format, tensors, units, patch step and graph, or a checkpoint.
+
+    For a bag: where the patch step comes from, the edges and mean degree of the graph `score`
+    would build, and the same warnings. For a checkpoint: config, parameters, sha256. Output on
+    stdout; a file that is neither gives an error line on stderr and exit status 1.
+
+    Example:
+        smcli inspect trident/features_uni_v1/slide_01.h5 -m model.safetensors
+    """
+    import json
+
+    from smcli.bags import BagKeys, find_bags
+    from smcli.errors import UsageError
+    from smcli.inspect import inspect_file
+
+    try:
+        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
+            if value is not None and not value > 0:
+                raise UsageError(f"{name} must be positive, got {value}")
+        paths = find_bags(files)  # a directory means its bag and checkpoint files
+        if not paths:
+            raise UsageError(f"nothing to inspect in {', '.join(map(str, files))}")
+        loaded = None
+        if model is not None:
+            from smcli.checkpoint import load_model
+
+            loaded = load_model(model)
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    keys = BagKeys(features_key, coords_key, labels_key)
+    documents, failed = [], False
+    for path in paths:
+        try:
+            info = inspect_file(path, loaded, patch_size, dist_thr, keys)
+        except SmcliError as err:
+            _stderr(f"error: {err}")
+            info, failed = {"path": str(path), "kind": "error", "error": str(err)}, True
+        documents.append(info)
+        if not as_json and info["kind"] != "error":
+            typer.echo("\n".join(_inspect_lines(info)))
+    if as_json:
+        typer.echo(json.dumps(documents, indent=2))
+    raise typer.Exit(code=1 if failed else 0)
+
+
+def _inspect_lines(info: dict) -> list[str]:
+    """Aligned `name  value` lines for one inspect_file() document."""
+    tensors = "; ".join(f"{t['name']} {tuple(t['shape'])} {t['dtype']}" for t in info["tensors"])
+    if info["kind"] == "checkpoint":
+        pool = info["config"].get("pool", {})
+        graph = info["config"].get("graph", {})
+        rows = [
+            ("model", f"{info['model']} (in_dim {info['in_dim']}, head {'yes' if info['head'] else 'no'})"),
+            ("pool", ", ".join(f"{k} {v}" for k, v in pool.items())),
+            ("graph", ", ".join(f"{k} {v}" for k, v in graph.items())),
+            ("parameters", f"{info['n_parameters']:,}"),
+            ("sha256", info["sha256"]),
+            ("tensors", tensors),
+        ]
+    else:
+        low, high = info["coords_min"], info["coords_max"]
+        span = f"x {low[0]}..{high[0]}, y {low[1]}..{high[1]}"
+        rows = [
+            ("format", info["format"]),
+            ("bag id", info["bag_id"]),
+            ("tensors", tensors),
+            ("patches", f"{info['n_instances']} x {info['feature_dim']} features ({info['features_dtype']})"),
+            ("coords", f"{info['coords_dtype']}, {info['coords_units']}, {span}"),
+            (
+                "patch step",
+                f"{info['patch_step']:g} ({info['patch_step_source']}: {info['patch_step_origin']})",
+            ),
+            (
+                "graph",
+                f"{info['n_edges']} edges, mean degree {info['mean_degree']:.2f}, "
+                f"{info['isolated']} isolated, grid {info['grid'][0]} x {info['grid'][1]}, "
+                f"dist_thr {info['dist_thr']:.4g}",
+            ),
+        ]
+        if info["n_labelled"] is not None:
+            rows.append(("labels", f"{info['n_labelled']} of {info['n_instances']} patches are 1"))
+    lines = [f"{info['path']}  ({info['kind']})"]
+    lines += [f"  {name:<11} {value}" for name, value in rows]
+    lines += [f"  warning: {text}" for text in info.get("warnings", [])]
+    return lines
+
+
+@app.command("heatmap")
+def heatmap(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Scores tables (.csv/.parquet from `smcli score`), or bags with -m.")
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Directory (one <bag_id>.png per bag) or a .png for one bag."),
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="Checkpoint to score bag inputs with."),
+    ] = None,
+    column: Annotated[str, typer.Option("--column", help="Table column to draw.")] = "attention_logit",
+    norm: Annotated[str, typer.Option("--norm", help="raw, minmax, rank (percentiles) or log.")] = "rank",
+    labels: Annotated[bool, typer.Option("--labels", help="Outline the patches labelled 1.")] = False,
+    patch_size: PatchSizeOption = None,
+    dist_thr: DistThrOption = None,
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
+) -> None:
+    """Draw per-patch attention on the patch grid as PNG, one image per bag, no slide image needed.
+
+    Dark is low, pale yellow high, light grey no patch. The colour bar is labelled in the --norm's
+    scale; the title shows the bag id and, when known, the bag probability (from the model, or the
+    _bags.csv beside a table). For tables the patch step is --patch-size, else the one the score run
+    recorded, else inferred from x, y.
+
+    Example:
+        smcli heatmap scores/ -o heatmaps/ --norm rank --labels
+    """
+    from smcli.bags import BagKeys
+    from smcli.errors import UsageError
+    from smcli.heatmap import HeatmapRequest, run_heatmap
+
+    failed = False
+    try:
+        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
+            if value is not None and not value > 0:
+                raise UsageError(f"{name} must be positive, got {value}")
+        request = HeatmapRequest(
+            inputs,
+            output,
+            model,
+            column,
+            norm,
+            labels,
+            patch_size,
+            dist_thr,
+            BagKeys(features_key, coords_key, labels_key),
+        )
+        for result in run_heatmap(request):
+            for text in result.warnings:
+                _stderr(f"warning: {text}")
+            if result.error:
+                failed = True
+                _stderr(f"error: {result.error}")
+            else:
+                _stderr(f"smcli: wrote {result.written}")
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    raise typer.Exit(code=1 if failed else 0)
 
 
 def _parse_alpha(text: str | None):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 from smcli.errors import OutputError, UsageError
+from smcli.interrupts import GUARD
 from smcli.scoring import BagResult, BagSummary
 
 BAGS_COLUMNS = [  # the first nine are the core columns; localization and provenance follow
@@ -39,16 +40,24 @@ BAGS_COLUMNS = [  # the first nine are the core columns; localization and proven
     "scored_at",
 ]
 FORMATS = ("csv", "parquet")
+MAX_BAG_ID_BYTES = 200  # leaves room for the suffix and the temporary-file prefix in a 255-byte name
+INTEGER_COLUMNS = ("n_instances", "n_edges", "input_bytes")
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+def atomic_path(path: Path, commit: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    `commit`, if given, runs right after the rename, and an interrupt cannot fall between the two.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
-        os.replace(tmp, path)
+        with GUARD.critical():
+            os.replace(tmp, path)
+            if commit is not None:
+                commit()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -59,10 +68,16 @@ def _describe_os_error(err: OSError) -> str:
     return err.strerror or type(err).__name__
 
 
-def write_table(table, path: Path, fmt: str, metadata: dict[str, str] | None = None) -> None:
-    """Write one DataFrame as CSV or parquet, atomically. Raises OutputError."""
+def write_table(
+    table,
+    path: Path,
+    fmt: str,
+    metadata: dict[str, str] | None = None,
+    commit: Callable[[], None] | None = None,
+) -> None:
+    """Write one DataFrame as CSV or parquet, atomically (see atomic_path). Raises OutputError."""
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, commit) as tmp:
             if fmt == "csv":
                 table.to_csv(tmp, index=False)
             else:
@@ -87,7 +102,10 @@ def summaries_frame(summaries: list[BagSummary]):
         row = asdict(summary)
         row["warnings"] = "; ".join(summary.warnings)
         rows.append(row)
-    return pd.DataFrame(rows, columns=BAGS_COLUMNS)
+    frame = pd.DataFrame(rows, columns=BAGS_COLUMNS)
+    for name in INTEGER_COLUMNS:  # stay integers when some rows are empty (failed bags)
+        frame[name] = pd.to_numeric(frame[name], errors="coerce").astype("Int64")
+    return frame
 
 
 def output_format(output: Path | None, requested: str | None) -> str:
@@ -143,6 +161,7 @@ class TableSink:
         self.summaries: list[BagSummary] = []
         self.writer = None
         self.schema = None
+        self.columns: list[str] | None = None
         self.started = False
         self.model_config_json = ""
         if not path.parent.is_dir():
@@ -166,13 +185,18 @@ class TableSink:
         self.summaries.append(result.summary)
 
     def _append(self, result: BagResult) -> None:
+        table = result.table
+        if self.columns is None:
+            self.columns = list(table.columns)
+        elif list(table.columns) != self.columns:
+            table = table.reindex(columns=self.columns)  # one table, the first bag's columns (label)
         if self.fmt == "csv":
-            result.table.to_csv(self.tmp, index=False, header=not self.started, mode="a")
+            table.to_csv(self.tmp, index=False, header=not self.started, mode="a")
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            arrow = pa.Table.from_pandas(result.table, preserve_index=False)
+            arrow = pa.Table.from_pandas(table, preserve_index=False)
             if self.writer is None:
                 self.schema = arrow.schema
                 self.writer = pq.ParquetWriter(self.tmp, self.schema)
@@ -295,13 +319,18 @@ class DirectorySink:
                         "(two inputs with the same name)"
                     )
                 metadata = result.summary.provenance(self.model_config_json)
-                write_table(result.table, self.table_path(bag_id), self.fmt, metadata)
                 self.claimed.add(bag_id)
+                # the bags file is rewritten in the same breath as the rename: no interrupt between
+                write_table(
+                    result.table, self.table_path(bag_id), self.fmt, metadata, lambda: self._record(result)
+                )
+                return
         except OutputError as err:
             result.summary.status = "error"
             result.summary.error = str(err)
             result.table = None
-            self._record(result)
+            if not any(summary is result.summary for summary in self.summaries):
+                self._record(result)
             raise
         self._record(result)
 
@@ -354,6 +383,7 @@ def safe_bag_id(bag_id: str) -> bool:
     """A bag id usable as a file name inside the output directory."""
     return (
         bool(bag_id)
+        and len(bag_id.encode("utf-8", "surrogateescape")) <= MAX_BAG_ID_BYTES
         and bag_id not in (".", "..")
         and not bag_id.startswith("_bags")
         and not any(ch in bag_id for ch in "/\\\0")

@@ -1,0 +1,220 @@
+"""Read HDF5 bags as the common patch-feature tools write them, into the same `Bag` as safetensors.
+
+Layouts (dataset names are the defaults; --features-key / --coords-key / --labels-key override):
+
+- TRIDENT: `features` (N, D) float32, `coords` (N, 2) int64 level-0 pixels; attributes on
+  `coords`: patch_size (at the target magnification), patch_size_level0, level0_magnification,
+  target_magnification, ... The step between neighbouring patches in coords units is
+  `patch_size_level0` (patch_size 256 at 20x on a 40x slide is 512 level-0 pixels; dividing
+  level-0 coords by 256 would leave every patch two cells from its neighbours: no edges).
+- CLAM: `features` (N, D) float32, `coords` (N, 2) int32 level-0 pixels, no attributes; the
+  step is inferred from the coords later (Bag.patch_size None).
+- STAMP: `feats` (or `patch_embeddings`) (N, D) float16, `coords` (N, 2) float micrometres;
+  attribute `tile_size_um` on the file (STAMP >= 2.1) or on `coords`: the step, in micrometres.
+
+Anything else with the named datasets reads as format "h5" (step inferred). A leading batch axis
+of 1 and an optional `labels` dataset (N,) are accepted, as for safetensors. h5py is an optional
+dependency (`pip install 'smcli[h5]'`), imported only when an HDF5 file is met.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from smcli.bags import Bag, BagKeys, parse_patch_size, validate_tensors
+from smcli.errors import BagError
+
+STAMP_FEATURES = ("feats", "patch_embeddings")  # tried, in order, when --features-key is the default
+COORDS_UNITS = {
+    "trident": "level-0 pixels",
+    "clam": "level-0 pixels",
+    "safetensors": "level-0 pixels",
+    "stamp": "micrometres",
+}
+
+
+def _fail(path: Path, message: str) -> BagError:
+    return BagError(f"{path}: {message}")
+
+
+def import_h5py(path: Path):
+    """h5py, or a BagError naming the extra that installs it."""
+    try:
+        import h5py
+    except ImportError:
+        raise _fail(path, "reading h5 bags needs h5py: pip install 'smcli[h5]'") from None
+    return h5py
+
+
+def dataset_names(handle) -> list[str]:
+    """Full names of every dataset in an open h5py File (groups walked), sorted."""
+    import h5py
+
+    names: list[str] = []
+    handle.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return sorted(names)
+
+
+def load_h5_bag(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Bag:
+    """Read and validate one HDF5 bag (TRIDENT, CLAM, STAMP or plain h5)."""
+    h5py = import_h5py(path)
+    try:
+        with h5py.File(path, "r") as handle:
+            names = dataset_names(handle)
+            fallbacks = STAMP_FEATURES if keys.features == BagKeys().features else ()
+            features_name = _pick(path, names, (keys.features, *fallbacks))
+            coords_name = _pick(path, names, (keys.coords,))
+            features = _read(handle[features_name])
+            coords = _read(handle[coords_name])
+            labels = _read(handle[keys.labels]) if with_labels and keys.labels in names else None
+            root_attrs = dict(handle.attrs)
+            coords_attrs = dict(handle[coords_name].attrs)
+    except BagError:
+        raise
+    except PermissionError:
+        raise _fail(path, "permission denied") from None
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _fail(path, f"not a readable HDF5 bag ({detail[:120]})") from None
+
+    names_used = BagKeys(features_name, coords_name, keys.labels)
+    tensors = (
+        _to_torch(path, features, features_name),
+        _to_torch(path, coords, coords_name),
+        None if labels is None else _to_torch(path, labels, keys.labels),
+    )
+    features_t, coords_np, labels_np = validate_tensors(path, *tensors, names_used)
+
+    fmt = detect_format(features_name, coords_name, root_attrs, coords_attrs)
+    metadata = {"format": fmt}
+    if fmt in COORDS_UNITS:
+        metadata["coords_units"] = COORDS_UNITS[fmt]
+    patch_size = None
+    found = _step_attribute(fmt, root_attrs, coords_attrs, coords_name)
+    if found is not None:
+        where, value = found
+        patch_size = parse_patch_size(path, _attr_value(value), where)
+        metadata["patch_size_source"] = where
+    return Bag(path, path.stem, features_t, coords_np, patch_size, labels_np, metadata)
+
+
+def detect_format(features_name: str, coords_name: str, root_attrs: dict, coords_attrs: dict) -> str:
+    """'stamp', 'trident', 'clam' or 'h5', from the dataset names and attributes the tools write."""
+    unit = _attr_value(root_attrs.get("unit", ""))
+    if (
+        features_name in STAMP_FEATURES
+        or "tile_size_um" in root_attrs
+        or "tile_size_um" in coords_attrs
+        or unit == "um"
+    ):
+        return "stamp"
+    if "patch_size_level0" in coords_attrs:
+        return "trident"
+    if features_name == "features" and coords_name == "coords":
+        return "clam"
+    return "h5"
+
+
+def _step_attribute(fmt: str, root_attrs: dict, coords_attrs: dict, coords_name: str):
+    """(where, raw value) of the attribute holding the patch step in coords units, or None."""
+    if fmt == "trident":
+        return f"{coords_name}.attrs['patch_size_level0']", coords_attrs["patch_size_level0"]
+    if fmt == "stamp":
+        if "tile_size_um" in root_attrs:
+            return "attrs['tile_size_um']", root_attrs["tile_size_um"]
+        if "tile_size_um" in coords_attrs:
+            return f"{coords_name}.attrs['tile_size_um']", coords_attrs["tile_size_um"]
+    return None
+
+
+def _pick(path: Path, names: list[str], candidates: tuple[str, ...]) -> str:
+    """The first candidate dataset present, else a BagError listing what the file holds."""
+    for name in candidates:
+        if name.strip("/") in names:
+            return name.strip("/")
+    wanted = "'" + "', '".join(candidates) + "'"
+    if len(candidates) > 1:
+        wanted = wanted.rsplit(", ", 1)[0] + " or " + wanted.rsplit(", ", 1)[1]
+    raise _fail(path, f"no {wanted} dataset (keys present: {', '.join(names) or 'none'})")
+
+
+def _read(dataset) -> np.ndarray:
+    """The whole dataset as a native-byte-order numpy array."""
+    array = np.asarray(dataset[()])
+    if array.dtype.byteorder not in ("=", "|") and array.dtype.kind in "biuf":
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _to_torch(path: Path, array: np.ndarray, name: str):
+    """numpy -> torch without a copy; dtypes torch has no tensor for (strings, records) are errors."""
+    import torch
+
+    if array.dtype.kind not in "biuf":
+        raise _fail(path, f"{name} has dtype {array.dtype}; expected numbers")
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError:
+        raise _fail(path, f"{name} has dtype {array.dtype}; expected numbers") from None
+
+
+def _attr_value(value):
+    """An h5 attribute as a Python scalar: bytes decoded, one-element arrays unwrapped."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    array = np.asarray(value)
+    if array.size == 1 and array.dtype.kind in "biuf":
+        return array.reshape(()).item()
+    if array.size == 1 and array.dtype.kind in "SUO":
+        item = array.reshape(()).item()
+        return item.decode("utf-8", errors="replace") if isinstance(item, bytes) else item
+    return value
+
+
+OWN_METADATA = ("format", "patch_size_source")  # what the readers add; not the file's own
+
+
+def convert_to_safetensors(path: Path, out: Path, keys: BagKeys = BagKeys(), overwrite: bool = False) -> Bag:
+    """`smcli convert-bag`: any readable bag -> a safetensors bag, written atomically.
+
+    Tensors `features` (N, D) as stored, `coords` (N, 2) as stored, `labels` (N,) uint8 when present;
+    string metadata `bag_id`, `source_format`, `coords_units` and `patch_size` (when the source
+    knows its step), plus the string metadata of a safetensors source.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from smcli.bags import load_bag
+    from smcli.errors import OutputError, UsageError
+    from smcli.writers import atomic_path
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"{out}: the output of convert-bag must end in .safetensors")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out}: output exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out}: the directory {out.parent} does not exist")
+    bag = load_bag(path, keys)
+    fmt = bag.metadata.get("format", "safetensors")
+    metadata = {k: v for k, v in bag.metadata.items() if k not in OWN_METADATA}
+    metadata["bag_id"] = bag.bag_id
+    metadata.setdefault("source_format", fmt)
+    if fmt != "safetensors" and fmt in COORDS_UNITS:  # known from the tool; never guessed
+        metadata.setdefault("coords_units", COORDS_UNITS[fmt])
+    if bag.patch_size is not None:
+        metadata["patch_size"] = str(float(bag.patch_size))
+    tensors = {
+        "features": bag.features.contiguous(),
+        "coords": torch.from_numpy(np.ascontiguousarray(bag.coords)),
+    }
+    if bag.labels is not None:
+        tensors["labels"] = torch.from_numpy(bag.labels.astype(np.uint8))
+    try:
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except OSError as err:
+        raise OutputError(f"{out}: cannot write ({err.strerror or type(err).__name__})") from None
+    return bag
