@@ -73,7 +73,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device")
-    print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    device_name = torch.cuda.get_device_name(0)
+    print(f"# {device_name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     sizes = [int(s) for s in args.sizes.split(",")]
 
     n = sizes[0]
@@ -92,7 +93,8 @@ def main() -> None:
             gpu_s = timed(lambda m=gpu_model: score(m, features, coords, "cuda"), args.repeats)
             gpu_logits, gpu_bag = score(gpu_model, features, coords, "cuda")
             delta = float((cpu_logits - gpu_logits).abs().max())
-            print(f"| {mode} | {where} | {delta:.2e} | {abs(cpu_bag - gpu_bag):.2e} | {cpu_s:.2f} | {gpu_s:.3f} |")
+            bag_delta = abs(cpu_bag - gpu_bag)
+            print(f"| {mode} | {where} | {delta:.2e} | {bag_delta:.2e} | {cpu_s:.2f} | {gpu_s:.3f} |")
 
     print("\n## GPU time of the whole pipeline (graph on CPU + transfer + model), median of repeats")
     print("| N | mode | where | seconds | of which graph build (CPU) |")
@@ -106,7 +108,7 @@ def main() -> None:
         for mode in ("approx", "exact"):
             model = model_for(mode, "early", "cuda")
             score(model, features, coords, "cuda")
-            seconds = timed(lambda m=model: score(m, features, coords, "cuda"), args.repeats)
+            seconds = timed(lambda m=model, x=features, c=coords: score(m, x, c, "cuda"), args.repeats)
             print(f"| {n:,} | {mode} | early | {seconds:.3f} | {graph_s:.3f} |")
 
 

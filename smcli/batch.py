@@ -14,6 +14,7 @@ from pathlib import Path
 
 from smcli.bags import find_bags
 from smcli.errors import Interrupted, OutputError, UsageError
+from smcli.interrupts import GUARD
 from smcli.scoring import BagResult, ScoreOptions, resolve_device, score_bags
 
 
@@ -133,13 +134,14 @@ def run_score(
     complete = False
     try:
         for result in score_bags(paths, model, options, precheck=sink.precheck):
-            try:
-                sink.add(result)
-            except OutputError:
-                if sink.fatal_write_errors:
-                    raise
-            summary.count(result)
-            report(result)
+            with GUARD.critical():  # a signal waits until the bag is written, listed and counted
+                try:
+                    sink.add(result)
+                except OutputError:
+                    if sink.fatal_write_errors:
+                        raise
+                summary.count(result)
+                report(result)
             if request.fail_fast and summary.failed:
                 break  # a single table stopped early is not written
         else:

@@ -20,6 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_DIST_THR = math.sqrt(2.0)  # the 8-neighbourhood on the patch grid
+GRID_LIMIT = 2.0**40  # cells per axis; beyond this the step is certainly wrong (and int64 keys overflow)
+MAX_MEAN_DEGREE = 1000  # more neighbours than this per patch means a patch step far too large
+
+
+class GraphError(ValueError):
+    """The coordinates cannot make a sensible graph at this patch step."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ def grid_cells(coords: np.ndarray, patch_size: float) -> np.ndarray:
     """
     scaled = np.asarray(coords, dtype=np.float64) / float(patch_size)
     scaled = scaled - scaled.min(axis=0)
+    if scaled.size and not scaled.max() < GRID_LIMIT:
+        raise GraphError(f"coords / patch step {patch_size:g} exceed the grid range (check the patch size)")
     return scaled.astype(np.int64)  # truncation, as numpy's astype(int)
 
 
@@ -116,6 +124,7 @@ def build_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nda
     order = np.argsort(keys, kind="stable")  # instances grouped by cell
     unique_keys, starts, counts = np.unique(keys[order], return_index=True, return_counts=True)
 
+    budget = MAX_MEAN_DEGREE * n  # directed pairs allowed (same-cell pairs counted with self pairs)
     sources, targets = [], []
     for dx, dy in offsets:
         wanted = unique_keys + (dx * width + dy)
@@ -127,6 +136,12 @@ def build_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nda
         if cell_a.shape[0] == 0:
             continue
         count_a, count_b = counts[cell_a], counts[cell_b]
+        budget -= int((count_a * count_b).sum())
+        if budget < 0:
+            raise GraphError(
+                f"the graph would have over {MAX_MEAN_DEGREE} neighbours per patch: "
+                "the patch step is far too large for these coords"
+            )
         if np.all(count_a == 1) and np.all(count_b == 1):
             i = order[starts[cell_a]]
             j = order[starts[cell_b]]

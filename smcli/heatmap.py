@@ -189,14 +189,17 @@ def render(bag: BagValues, norm: str = "rank", outline: bool = False):
     """The heatmap of one bag as a PIL RGB image (see Layout for its geometry)."""
     from PIL import Image, ImageDraw
 
-    from smcli.graph import grid_cells
+    from smcli.graph import GraphError, grid_cells
 
     finite = np.isfinite(bag.values)
     coords, values = bag.coords[finite], bag.values[finite]
     if values.shape[0] == 0:
         raise BagError(f"{bag.source}: {bag.bag_id}: no finite {bag.column} values to draw")
     scale = normalize(values, norm, f"{bag.source}: {bag.bag_id}")
-    cells = grid_cells(coords, bag.patch_step)
+    try:
+        cells = grid_cells(coords, bag.patch_step)
+    except GraphError as err:
+        raise BagError(f"{bag.source}: {bag.bag_id}: {err}") from None
     nx, ny = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
     if nx * ny > MAX_CELLS:  # a step far below the real one (e.g. inferred from jittered coords)
         raise BagError(

@@ -14,7 +14,8 @@ from typing import Any
 
 from smcli.bags import BagKeys, is_hdf5, load_bag, resolve_geometry
 from smcli.checkpoint import CONFIG_KEY, LoadedModel, load_model
-from smcli.graph import DEFAULT_DIST_THR, build_adjacency, grid_cells
+from smcli.errors import BagError
+from smcli.graph import DEFAULT_DIST_THR, GraphError, build_adjacency, grid_cells
 from smcli.h5bags import COORDS_UNITS
 
 SAFETENSORS_DTYPES = {  # header names -> the numpy/torch names h5 datasets show
@@ -98,8 +99,11 @@ def bag_info(
     geometry = resolve_geometry(bag, patch_size, model.config.patch_size if model is not None else None)
     if dist_thr is None:
         dist_thr = model.config.dist_thr if model is not None else DEFAULT_DIST_THR
-    cells = grid_cells(bag.coords, geometry.patch_step)
-    adjacency = build_adjacency(cells, dist_thr)
+    try:
+        cells = grid_cells(bag.coords, geometry.patch_step)
+        adjacency = build_adjacency(cells, dist_thr)
+    except GraphError as err:
+        raise BagError(f"{path}: {err}") from None
     warnings = geometry_warnings(bag, geometry, cells, adjacency.n_edges)
     if model is not None and bag.features.shape[1] != model.in_dim:
         warnings.append(f"features have {bag.features.shape[1]} columns, the model expects {model.in_dim}")

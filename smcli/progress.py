@@ -73,7 +73,7 @@ class Reporter:
 
     def _log_due(self) -> bool:
         now = time.perf_counter()
-        every_5_percent = self.total >= 20 and self.done % (self.total // 20) == 0
+        every_5_percent = self.total >= 40 and self.done % (self.total // 20) == 0
         if every_5_percent or now - self.last_log >= LOG_EVERY_SECONDS:
             self.last_log = now
             return self.done < self.total  # the final summary line covers the last bag

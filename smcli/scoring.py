@@ -13,7 +13,7 @@ import numpy as np
 from smcli.bags import Bag, BagKeys, Geometry, load_bag, peek_bag_id, resolve_geometry
 from smcli.checkpoint import LoadedModel
 from smcli.errors import BagError, SmcliError, UsageError
-from smcli.graph import build_adjacency, duplicate_cells, grid_cells
+from smcli.graph import GraphError, build_adjacency, duplicate_cells, grid_cells
 
 INSTANCE_COLUMNS = ["bag_id", "instance", "x", "y", "attention_logit", "attention_weight"]
 LOW_MEAN_DEGREE = 2.0
@@ -149,8 +149,11 @@ def score_bag(model: LoadedModel, bag: Bag | str | Path, options: ScoreOptions =
         )
     geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
     dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
-    cells = grid_cells(bag.coords, geometry.patch_step)
-    adjacency = build_adjacency(cells, dist_thr)
+    try:
+        cells = grid_cells(bag.coords, geometry.patch_step)
+        adjacency = build_adjacency(cells, dist_thr)
+    except GraphError as err:
+        raise BagError(f"{bag.path}: {err}") from None
 
     device = torch.device(options.device)
     features = bag.features.to(device, non_blocking=True)

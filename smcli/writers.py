@@ -273,6 +273,7 @@ class DirectorySink:
         self.previous = self._previous_rows()
         self.summaries: list[BagSummary] = []
         self.claimed: set[str] = set()
+        self.seen: set[str] = set()
         self.model_config_json = ""
 
     def table_path(self, bag_id: str) -> Path:
@@ -290,7 +291,14 @@ class DirectorySink:
         return {str(row["bag_id"]): row for row in rows if row.get("n_instances") not in ("", None)}
 
     def precheck(self, path: Path, bag_id: str) -> BagResult | None:
-        """Answer for a bag whose output exists, before it is read."""
+        """Answer for a bag whose output exists, or whose id an earlier input took, before it is read.
+
+        Called by the one reader thread, in input order.
+        """
+        if bag_id in self.seen:
+            error = f"{path}: bag_id {bag_id!r} was already used by an earlier input in this run"
+            return BagResult(BagSummary(bag_id=bag_id, path=str(path), status="error", error=error))
+        self.seen.add(bag_id)
         target = self.table_path(bag_id) if safe_bag_id(bag_id) else None
         if target is None or not target.exists() or self.existing == "overwrite":
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,3 +98,19 @@ def test_offsets_of_the_default_threshold_are_the_8_neighbourhood_and_self():
 def test_infer_patch_step():
     assert infer_patch_step(tricky_coords(1)) == PATCH
     assert infer_patch_step(np.array([[3, 3]])) is None
+
+
+def test_a_patch_step_far_too_large_is_refused_not_densified():
+    from smcli.graph import MAX_MEAN_DEGREE, GraphError
+
+    coords = np.argwhere(np.ones((60, 60))) * 512  # 3,600 patches
+    with pytest.raises(GraphError, match="patch step is far too large"):
+        build_adjacency(grid_cells(coords, 512 * 100))  # everything lands on one cell
+    assert MAX_MEAN_DEGREE < 3_600
+
+
+def test_coords_beyond_the_grid_range_are_refused():
+    from smcli.graph import GraphError
+
+    with pytest.raises(GraphError, match="exceed the grid range"):
+        grid_cells(np.array([[0.0, 0.0], [1e300, 5.0]]), 1.0)
