@@ -9,7 +9,7 @@ production path. It uses that Sm is linear and acts on the instance axis while t
 act on the feature axis, so
 
     Sm(X) W1^T = Sm(X W1^T)                     (early: smooth att_dim columns, not in_dim)
-    w_head . (Sm(X)^T s) = s . Sm(X w_head)     (Sm is symmetric because A is)
+    w_head . (Sm(X)^T s) = s . (Sm(X) w_head) = s . Sm(X w_head)    (a scalar, transposed)
 
 proj1's bias is added after smoothing, never smoothed: Sm of a constant is not that constant on a
 normalized graph with boundaries.
@@ -74,10 +74,11 @@ class Sm(torch.nn.Module):
         coef = self.sm.coef
         return float(coef.detach()) if isinstance(coef, Tensor) else float(coef)
 
-    def forward(self, f: Tensor, adj: Tensor) -> Tensor:
+    def forward(self, f: Tensor, adj: Tensor, symmetric: bool = False) -> Tensor:
+        """`symmetric=True` vouches that adj is symmetric (skips exact mode's check)."""
         if self.mode == "approx":
             return approx_sm(f, adj, self.coef, self.num_steps)
-        return exact_sm(f, adj, self.coef)
+        return exact_sm(f, adj, self.coef, symmetric=symmetric)
 
 
 def approx_sm(f: Tensor, adj: Tensor, coef: float, num_steps: int) -> Tensor:
@@ -95,7 +96,9 @@ def approx_sm(f: Tensor, adj: Tensor, coef: float, num_steps: int) -> Tensor:
     return g
 
 
-def exact_sm(f: Tensor, adj: Tensor, coef: float, rtol: float = SOLVE_RTOL) -> Tensor:
+def exact_sm(
+    f: Tensor, adj: Tensor, coef: float, rtol: float = SOLVE_RTOL, symmetric: bool = False
+) -> Tensor:
     """Solve ((1 + coef) I - coef A) g = f for all columns of f: (N, C) at once, in float64.
 
     A is the symmetric normalized adjacency, so its eigenvalues lie in [-1, 1] and those of the
@@ -110,7 +113,7 @@ def exact_sm(f: Tensor, adj: Tensor, coef: float, rtol: float = SOLVE_RTOL) -> T
         raise SmSolveError(
             f"exact Sm needs coef > -0.5 for a positive definite system, the model has {coef:.6g}"
         )
-    if not is_symmetric(adj):
+    if not symmetric and not is_symmetric(adj):
         raise SmSolveError("exact Sm needs a symmetric adjacency; this one is not")
     if coef == 0:
         return f.clone()
@@ -208,9 +211,9 @@ class SmAttentionPool(torch.nn.Module):
                 self.proj2 = wrap(self.proj2)
         self.eval()  # eval-mode spectral norm: sigma from the stored u, v, no power iteration
 
-    def smooth(self, values: Tensor, adj: Tensor) -> Tensor:
+    def smooth(self, values: Tensor, adj: Tensor, symmetric: bool = False) -> Tensor:
         if isinstance(self.sm, Sm):
-            return self.sm(values, adj)
+            return self.sm(values, adj, symmetric)
         return values
 
     @torch.no_grad()
@@ -231,12 +234,20 @@ class SmAttentionPool(torch.nn.Module):
 
     @torch.no_grad()
     def attention(
-        self, X: Tensor, adj: Tensor, head: torch.nn.Linear | None = None, chunk_rows: int = 16384
+        self,
+        X: Tensor,
+        adj: Tensor,
+        head: torch.nn.Linear | None = None,
+        chunk_rows: int = 16384,
+        symmetric: bool | None = None,
     ) -> Attention:
         """Production path: attention logits f (N,) and, with a head, the bag logit.
 
         X may be float16/bfloat16: it is converted to float32 chunk by chunk, never all at once.
+        symmetric: whether adj is symmetric (smcli's graphs are); None checks it when it matters.
         """
+        if symmetric is None:  # only exact mode needs it (a symmetric positive definite solve)
+            symmetric = not (isinstance(self.sm, Sm) and self.sm.mode == "exact") or is_symmetric(adj)
         weight1 = self.proj1.weight  # (att_dim, in_dim), spectral norm applied
         att_dim = weight1.shape[0]
         weights = weight1 if head is None else torch.cat([weight1, head.weight])
@@ -247,18 +258,19 @@ class SmAttentionPool(torch.nn.Module):
             torch.mm(rows, weights.T, out=projected[start : start + chunk_rows])  # (rows, att+1)
 
         if self.sm_where == "early":
-            projected = self.smooth(projected, adj)  # Sm(X) W^T = Sm(X W^T)
+            projected = self.smooth(projected, adj, symmetric)  # Sm(X) W^T = Sm(X W^T)
         hidden = projected[:, :att_dim] + self.proj1.bias  # (N, att_dim)
         if self.sm_where == "mid":
-            hidden = self.smooth(hidden, adj)
+            hidden = self.smooth(hidden, adj, symmetric)
         f = self.act_fn(hidden) @ self.proj2.weight.T  # (N, 1)
         if self.sm_where == "late":
-            f = self.smooth(f, adj)
+            f = self.smooth(f, adj, symmetric)
         f = f.squeeze(-1)
 
         bag_logit = None
         if head is not None:
-            # last_layer(z) = w . (X_used^T s) + b = s . (X_used w) + b, X_used = Sm(X) for early
+            # last_layer(z) = w . (X_used^T s) + b = s . (X_used w) + b, and for early
+            # X_used w = Sm(X) w = Sm(X w): the head column was smoothed with the others
             s = torch.softmax(f, dim=0)
             bag_logit = float(s @ projected[:, att_dim] + head.bias[0])
         return Attention(attention_logit=f, bag_logit=bag_logit)
@@ -280,5 +292,5 @@ class SmABMIL(torch.nn.Module):
         return self.last_layer(z).squeeze(-1), f
 
     @torch.no_grad()
-    def attention(self, X: Tensor, adj: Tensor) -> Attention:
-        return self.pool.attention(X, adj, head=self.last_layer)
+    def attention(self, X: Tensor, adj: Tensor, symmetric: bool | None = None) -> Attention:
+        return self.pool.attention(X, adj, head=self.last_layer, symmetric=symmetric)

@@ -159,7 +159,7 @@ def score_bag(model: LoadedModel, bag: Bag | str | Path, options: ScoreOptions =
     features = bag.features.to(device, non_blocking=True)
     adj = adjacency.to_torch(torch.float32, device)
     try:
-        out = model.module.attention(features, adj)
+        out = model.module.attention(features, adj, symmetric=True)  # symmetric by construction
     except SmSolveError as err:
         raise BagError(f"{bag.path}: {err}") from None
     logits = out.attention_logit.cpu().numpy()

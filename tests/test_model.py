@@ -165,3 +165,22 @@ def test_half_precision_features_are_computed_in_float32(features):
     )
     from_float = model.attention(half.float(), adjacency)
     assert torch.equal(from_half.attention_logit, from_float.attention_logit)
+
+
+@pytest.mark.parametrize("mode", ["approx", "exact"])
+def test_a_non_symmetric_adjacency_is_handled_or_refused_never_silently_wrong(features, mode):
+    """smcli's graphs are symmetric; a caller's own matrix is checked where the solver needs it."""
+    model = smcli_model(mode, "early", False, "trainable", "gelu", True)
+    n = len(BAGS["tricky"])
+    generator = torch.Generator().manual_seed(3)
+    dense = torch.rand(n, n, generator=generator) * (torch.rand(n, n, generator=generator) < 0.05)
+    adjacency = (dense / dense.sum(1, keepdim=True).clamp_min(1)).to_sparse_csr()
+    X = features["tricky"]
+    if mode == "exact":
+        with pytest.raises(SmSolveError, match="symmetric"):
+            model.attention(X, adjacency)
+        return
+    result = model.attention(X, adjacency)
+    bag_logit, logits = model.forward_reference(X, adjacency)
+    assert (result.attention_logit - logits).abs().max() <= 1e-5
+    assert abs(result.bag_logit - float(bag_logit)) <= 1e-5  # no symmetry needed outside exact
