@@ -41,7 +41,6 @@ BAGS_COLUMNS = [  # the first nine are the core columns; localization and proven
 ]
 FORMATS = ("csv", "parquet")
 MAX_BAG_ID_BYTES = 200  # leaves room for the suffix and the temporary-file prefix in a 255-byte name
-INTEGER_COLUMNS = ("n_instances", "n_edges", "input_bytes")
 
 
 @contextlib.contextmanager
@@ -94,18 +93,37 @@ def write_table(
         raise OutputError(f"{path}: cannot write ({_describe_os_error(err)})") from None
 
 
-def summaries_frame(summaries: list[BagSummary]):
-    import pandas as pd
+def bags_row(summary: BagSummary) -> list[str]:
+    """One `_bags.csv` row as text: full-precision floats, empty cells for missing values."""
+    values = asdict(summary)
+    values["warnings"] = "; ".join(summary.warnings)
+    return [_cell(values[name]) for name in BAGS_COLUMNS]
 
-    rows = []
-    for summary in summaries:
-        row = asdict(summary)
-        row["warnings"] = "; ".join(summary.warnings)
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=BAGS_COLUMNS)
-    for name in INTEGER_COLUMNS:  # stay integers when some rows are empty (failed bags)
-        frame[name] = pd.to_numeric(frame[name], errors="coerce").astype("Int64")
-    return frame
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):  # numpy floats too; repr keeps every digit
+        return repr(float(value))
+    return str(value)
+
+
+def csv_rows_written(writer, rows: list[list[str]]) -> None:
+    """The rows of the bags file (a seam where tests deliver a signal mid-write)."""
+    writer.writerows(rows)
+
+
+def write_bags_csv(rows: list[list[str]], path: Path, commit: Callable[[], None] | None = None) -> None:
+    """Write the bags file (header + rows) atomically; cheap enough to redo after every bag."""
+    import csv
+
+    try:
+        with atomic_path(path, commit) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(BAGS_COLUMNS)
+            csv_rows_written(writer, rows)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({_describe_os_error(err)})") from None
 
 
 def output_format(output: Path | None, requested: str | None) -> str:
@@ -237,7 +255,7 @@ class TableSink:
                 self.writer = None
             if self.started:
                 os.replace(self.tmp, self.path)
-            write_table(summaries_frame(self.summaries), self.bags_path, "csv")
+            write_bags_csv([bags_row(summary) for summary in self.summaries], self.bags_path)
         except OSError as err:
             self._discard()
             raise OutputError(f"{self.path}: cannot write ({_describe_os_error(err)})") from None
@@ -272,6 +290,7 @@ class DirectorySink:
         self.bags_path = directory / bags_name
         self.previous = self._previous_rows()
         self.summaries: list[BagSummary] = []
+        self.rows: list[list[str]] = []  # rendered once, rewritten in full after every bag
         self.claimed: set[str] = set()
         self.seen: set[str] = set()
         self.model_config_json = ""
@@ -344,7 +363,8 @@ class DirectorySink:
 
     def _record(self, result: BagResult) -> None:
         self.summaries.append(result.summary)
-        write_table(summaries_frame(self.summaries), self.bags_path, "csv")
+        self.rows.append(bags_row(result.summary))
+        write_bags_csv(self.rows, self.bags_path)
 
     def close(self, complete: bool) -> None:
         return None

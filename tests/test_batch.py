@@ -345,14 +345,13 @@ def test_bags_file_is_rewritten_after_every_bag(tmp_path, three_bags, model_file
     (three_bags / "slide_b.safetensors").write_bytes(b"not a bag at all")
     out = tmp_path / "out"
     snapshots = []
-    real = smcli.writers.write_table
+    real = smcli.writers.write_bags_csv
 
-    def spy(table, path, *args, **kwargs):
-        real(table, path, *args, **kwargs)
-        if Path(path).name == "_bags.csv":
-            snapshots.append({k: r["status"] for k, r in bags_rows(Path(path)).items()})
+    def spy(rows, path, *args, **kwargs):
+        real(rows, path, *args, **kwargs)
+        snapshots.append({k: r["status"] for k, r in bags_rows(Path(path)).items()})
 
-    monkeypatch.setattr(smcli.writers, "write_table", spy)
+    monkeypatch.setattr(smcli.writers, "write_bags_csv", spy)
     result = invoke("score", three_bags, "-m", model_file, "-o", out)
     assert result.exit_code == 1
     assert snapshots == [
@@ -523,14 +522,22 @@ def _raise_signal_at(monkeypatch, moment: str) -> None:
 
         monkeypatch.setattr(os, "replace", replace)
         return
+    if moment == "writing_bags_file":
+        real_rows = smcli.writers.csv_rows_written
+
+        def rows_written(writer, rows):  # the bags file's rows go to its temporary file here
+            real_rows(writer, rows)
+            if len(rows) == 2:
+                send()
+
+        monkeypatch.setattr(smcli.writers, "csv_rows_written", rows_written)
+        return
     real = pd.DataFrame.to_csv
 
     def to_csv(self, path_or_buf=None, *args, **kwargs):
         result = real(self, path_or_buf, *args, **kwargs)
         name = Path(path_or_buf).name if isinstance(path_or_buf, (str, os.PathLike)) else ""
         if moment == "writing_table" and name.startswith(".slide_b.csv."):
-            send()
-        if moment == "writing_bags_file" and name.startswith("._bags.csv.") and len(self) == 2:
             send()
         return result
 
