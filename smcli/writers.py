@@ -53,6 +53,8 @@ def atomic_path(path: Path, commit: Callable[[], None] | None = None) -> Iterato
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        # some writers (safetensors) create 0600 files: give the usual umask-based permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         with GUARD.critical():
             os.replace(tmp, path)
             if commit is not None:
@@ -61,6 +63,12 @@ def atomic_path(path: Path, commit: Callable[[], None] | None = None) -> Iterato
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _describe_os_error(err: OSError) -> str:
