@@ -21,6 +21,7 @@ import numpy as np
 
 DEFAULT_DIST_THR = math.sqrt(2.0)  # the 8-neighbourhood on the patch grid
 GRID_LIMIT = 2.0**40  # cells per axis; beyond this the step is certainly wrong (and int64 keys overflow)
+RASTER_CELLS_PER_PATCH = 16  # the raster path is used while the bounding box stays this compact
 MAX_MEAN_DEGREE = 1000  # more neighbours than this per patch means a patch step far too large
 
 
@@ -164,6 +165,36 @@ def build_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nda
     return np.stack([row[by_row_col], col[by_row_col]])
 
 
+def raster_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.ndarray | None:
+    """The same edges as build_edges, through a raster of the cells' bounding box (the fast path).
+
+    Each cell's instance index is written into a (width x height) raster; a neighbour at offset
+    (dx, dy) is one gather. Per row the neighbours are sorted across the few offsets, so the edge
+    list comes out in (row, col) order without a global sort. Returns None when two patches share
+    a cell or the raster would be much larger than the bag (build_edges handles those).
+    """
+    n = cells.shape[0]
+    offsets = neighbour_offsets(dist_thr)
+    offsets = offsets[np.any(offsets != 0, axis=1)]  # no duplicates here, so no same-cell pairs
+    if n < 2 or offsets.shape[0] == 0:
+        return None if n >= 2 and dist_thr >= 0 and duplicate_cells(cells) else np.zeros((2, 0), np.int64)
+    reach = int(np.abs(offsets).max())
+    width = int(cells[:, 0].max()) + 1 + 2 * reach
+    height = int(cells[:, 1].max()) + 1 + 2 * reach
+    if width * height > RASTER_CELLS_PER_PATCH * n + 1_000_000:
+        return None
+    raster = np.full((width, height), -1, dtype=np.int64)
+    x, y = cells[:, 0] + reach, cells[:, 1] + reach
+    raster[x, y] = np.arange(n)
+    if np.count_nonzero(raster >= 0) < n:
+        return None  # several patches on one cell
+    neighbours = raster[x[:, None] + offsets[:, 0], y[:, None] + offsets[:, 1]]  # (N, n_offsets)
+    neighbours.sort(axis=1)  # -1 (no neighbour) first, then ascending instance index
+    present = neighbours >= 0
+    row = np.broadcast_to(np.arange(n)[:, None], neighbours.shape)[present]
+    return np.stack([row, neighbours[present]])
+
+
 def normalized_weights(edge_index: np.ndarray, n: int) -> np.ndarray:
     """D^-1/2 A D^-1/2 values for binary edges, in torchmil's precision (float32 degrees)."""
     row, col = edge_index
@@ -179,7 +210,9 @@ def build_adjacency(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> Ad
     n = int(cells.shape[0])
     if n == 1:  # torchmil: a one-instance bag gets a self loop of weight 1
         return Adjacency(1, np.array([0, 1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1))
-    edge_index = build_edges(cells, dist_thr)
+    edge_index = raster_edges(cells, dist_thr)
+    if edge_index is None:  # patches sharing cells, or a sparse bounding box: hash the cells
+        edge_index = build_edges(cells, dist_thr)
     weight = normalized_weights(edge_index, n)
     crow = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(edge_index[0], minlength=n), out=crow[1:])

@@ -34,7 +34,7 @@ ACTIVATIONS = {
 }
 
 SOLVE_RTOL = 1e-10  # bound on the relative error (energy norm) of the exact solve, in float64
-SOLVE_BLOCK_COLUMNS = 64  # columns solved together: amortizes the sparse reads, caps float64 memory
+SOLVE_BLOCK_COLUMNS = 32  # columns solved together: amortizes the sparse reads, stays in cache
 
 
 class SmSolveError(RuntimeError):

@@ -114,3 +114,24 @@ def test_coords_beyond_the_grid_range_are_refused():
 
     with pytest.raises(GraphError, match="exceed the grid range"):
         grid_cells(np.array([[0.0, 0.0], [1e300, 5.0]]), 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cells=st.sets(st.tuples(st.integers(0, 25), st.integers(0, 25)), min_size=2, max_size=200),
+    dist_thr=st.sampled_from([0.5, 1.0, DEFAULT_DIST_THR, 2.0, math.sqrt(5), 3.0]),
+)
+def test_raster_and_hashed_edge_lists_are_identical(cells, dist_thr):
+    from smcli.graph import build_edges, raster_edges
+
+    cells = np.array(sorted(cells), dtype=np.int64)[::-1]
+    raster = raster_edges(cells, dist_thr)
+    assert raster is not None  # distinct cells in a compact box take the raster path
+    assert np.array_equal(raster, build_edges(cells, dist_thr))
+
+
+def test_raster_path_declines_shared_cells_and_sprawling_boxes():
+    from smcli.graph import raster_edges
+
+    assert raster_edges(np.array([[0, 0], [0, 0], [1, 1]])) is None
+    assert raster_edges(np.array([[0, 0], [100_000, 100_000]])) is None
