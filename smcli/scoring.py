@@ -74,12 +74,22 @@ class BagSummary:
 
 @dataclass
 class BagResult:
+    """A bag's summary row and, when it was scored, its per-instance table."""
+
     summary: BagSummary
-    table: object = None  # pandas.DataFrame with INSTANCE_COLUMNS (+ label), None on failure
+    arrow: object = None  # pyarrow.Table with INSTANCE_COLUMNS (+ label); None when not scored
+    _frame: object = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.summary.status == "ok"
+
+    @property
+    def table(self):
+        """The per-instance table as a pandas DataFrame (converted on first use), or None."""
+        if self.arrow is not None and self._frame is None:
+            self._frame = self.arrow.to_pandas()
+        return self._frame
 
 
 def resolve_device(name: str) -> str:
@@ -133,7 +143,7 @@ def score_bag(model: LoadedModel, bag: Bag | str | Path, options: ScoreOptions =
     """
     import datetime
 
-    import pandas as pd
+    import pyarrow as pa
     import torch
 
     from smcli import __version__
@@ -166,20 +176,19 @@ def score_bag(model: LoadedModel, bag: Bag | str | Path, options: ScoreOptions =
     weights = torch.softmax(out.attention_logit, dim=0).cpu().numpy()
 
     columns = {
-        "bag_id": bag.bag_id,
-        "instance": np.arange(bag.n_instances, dtype=np.int64),
-        "x": bag.coords[:, 0],
-        "y": bag.coords[:, 1],
-        "attention_logit": logits,
-        "attention_weight": weights,
+        "bag_id": _repeated_string(bag.bag_id, bag.n_instances),
+        "instance": _arrow_column(np.arange(bag.n_instances, dtype=np.int64)),
+        "x": _arrow_column(bag.coords[:, 0]),
+        "y": _arrow_column(bag.coords[:, 1]),
+        "attention_logit": _arrow_column(logits),
+        "attention_weight": _arrow_column(weights),
     }
     if bag.labels is not None:
-        columns["label"] = bag.labels
-    table = pd.DataFrame(columns)
+        columns["label"] = _arrow_column(bag.labels)
+    table = pa.Table.from_arrays(list(columns.values()), names=list(columns))
     if options.top_k is not None:
         # stable sort on -logit keeps equal logits in instance order
-        order = np.argsort(-logits, kind="stable")[: options.top_k]
-        table = table.iloc[order].reset_index(drop=True)
+        table = table.take(_arrow_column(np.argsort(-logits, kind="stable")[: options.top_k]))
 
     probability = None
     if out.bag_logit is not None:
@@ -204,6 +213,26 @@ def score_bag(model: LoadedModel, bag: Bag | str | Path, options: ScoreOptions =
     )
     summary.seconds = time.perf_counter() - started
     return BagResult(summary, table)
+
+
+# Arrow arrays straight from numpy buffers: pa.array() would import pandas (0.25 s) to check
+# whether it was handed a pandas object, and `smcli score` never needs pandas.
+
+
+def _arrow_column(values: np.ndarray):
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def _repeated_string(value: str, n: int):
+    import pyarrow as pa
+
+    data = value.encode("utf-8", "surrogateescape")
+    offsets = np.array([0, len(data)], dtype=np.int32)
+    one = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return one.take(_arrow_column(np.zeros(n, dtype=np.int64)))
 
 
 def _file_size(path: Path) -> int | None:

@@ -82,23 +82,56 @@ def write_table(
     metadata: dict[str, str] | None = None,
     commit: Callable[[], None] | None = None,
 ) -> None:
-    """Write one DataFrame as CSV or parquet, atomically (see atomic_path). Raises OutputError."""
+    """Write one pyarrow Table as CSV or parquet, atomically (see atomic_path). Raises OutputError."""
     try:
         with atomic_path(path, commit) as tmp:
             if fmt == "csv":
-                table.to_csv(tmp, index=False)
+                with open(tmp, "wb") as handle:
+                    write_csv(table, handle, header=True)
             else:
-                import pyarrow as pa
                 import pyarrow.parquet as pq
 
-                arrow = pa.Table.from_pandas(table, preserve_index=False)
                 if metadata:
-                    merged = dict(arrow.schema.metadata or {})
+                    merged = dict(table.schema.metadata or {})
                     merged.update({k.encode(): v.encode() for k, v in metadata.items()})
-                    arrow = arrow.replace_schema_metadata(merged)
-                pq.write_table(arrow, tmp)
+                    table = table.replace_schema_metadata(merged)
+                pq.write_table(table, tmp)
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({_describe_os_error(err)})") from None
+
+
+def write_csv(table, handle, header: bool) -> None:
+    """A pyarrow Table as plain CSV (no quotes) into a binary file; pandas for values needing quotes.
+
+    Floats are written in their shortest round-trip form, as pandas does.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:
+        body = pa.BufferOutputStream()
+        pacsv.write_csv(table, body, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    except pa.ArrowInvalid:  # a bag id with a comma, quote or newline: quote it properly
+        handle.write(table.to_pandas().to_csv(index=False, header=header).encode())
+        return
+    if header:  # our column names never need quotes
+        handle.write((",".join(table.schema.names) + "\n").encode())
+    handle.write(body.getvalue().to_pybytes())
+
+
+def conform(table, schema):
+    """`table` with `schema`'s columns, in order: missing ones (e.g. label) null, extra ones dropped."""
+    import pyarrow as pa
+
+    if table.schema.names == schema.names:
+        return table if table.schema.equals(schema) else table.cast(schema)
+    columns = [
+        table.column(field.name).cast(field.type)
+        if field.name in table.schema.names
+        else pa.nulls(table.num_rows, field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def bags_row(summary: BagSummary) -> list[str]:
@@ -161,10 +194,11 @@ class StdoutSink:
         return None
 
     def add(self, result: BagResult) -> None:
-        if result.table is None:
+        if result.arrow is None:
             return
-        result.table.to_csv(sys.stdout, index=False, header=not self.header_written)
         sys.stdout.flush()
+        write_csv(result.arrow, sys.stdout.buffer, header=not self.header_written)
+        sys.stdout.buffer.flush()
         self.header_written = True
 
     def close(self, complete: bool) -> None:
@@ -187,7 +221,6 @@ class TableSink:
         self.summaries: list[BagSummary] = []
         self.writer = None
         self.schema = None
-        self.columns: list[str] | None = None
         self.started = False
         self.model_config_json = ""
         if not path.parent.is_dir():
@@ -202,7 +235,7 @@ class TableSink:
 
     def add(self, result: BagResult) -> None:
         try:
-            if result.table is not None:
+            if result.arrow is not None:
                 self._append(result)
         except (OSError, ValueError) as err:
             self._discard()
@@ -211,24 +244,20 @@ class TableSink:
         self.summaries.append(result.summary)
 
     def _append(self, result: BagResult) -> None:
-        table = result.table
-        if self.columns is None:
-            self.columns = list(table.columns)
-        elif list(table.columns) != self.columns:
-            table = table.reindex(columns=self.columns)  # one table, the first bag's columns (label)
-        if self.fmt == "csv":
-            table.to_csv(self.tmp, index=False, header=not self.started, mode="a")
+        table = result.arrow
+        if self.schema is None:
+            self.schema = table.schema
         else:
-            import pyarrow as pa
+            table = conform(table, self.schema)  # one table: the first bag's columns and types
+        if self.fmt == "csv":
+            with open(self.tmp, "ab") as handle:
+                write_csv(table, handle, header=not self.started)
+        else:
             import pyarrow.parquet as pq
 
-            arrow = pa.Table.from_pandas(table, preserve_index=False)
             if self.writer is None:
-                self.schema = arrow.schema
                 self.writer = pq.ParquetWriter(self.tmp, self.schema)
-            elif arrow.schema != self.schema:
-                arrow = arrow.cast(self.schema)  # e.g. int coords after float ones
-            self.writer.write_table(arrow)
+            self.writer.write_table(table)
         self.started = True
 
     def _provenance(self) -> dict[str, str]:
@@ -308,14 +337,14 @@ class DirectorySink:
 
     def _previous_rows(self) -> dict[str, dict]:
         """Rows of an earlier run's bags file, to carry into 'skipped' rows."""
-        import pandas as pd
+        import csv
 
         try:
-            frame = pd.read_csv(self.bags_path, keep_default_na=False)
-        except (OSError, ValueError):
+            with open(self.bags_path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        except (OSError, UnicodeDecodeError, csv.Error):
             return {}
-        rows = frame.to_dict("records")
-        return {str(row["bag_id"]): row for row in rows if row.get("n_instances") not in ("", None)}
+        return {row["bag_id"]: row for row in rows if row.get("bag_id") and row.get("n_instances")}
 
     def precheck(self, path: Path, bag_id: str) -> BagResult | None:
         """Answer for a bag whose output exists, or whose id an earlier input took, before it is read.
@@ -342,7 +371,7 @@ class DirectorySink:
 
     def add(self, result: BagResult) -> None:
         try:
-            if result.table is not None:
+            if result.arrow is not None:
                 bag_id = result.summary.bag_id
                 if not safe_bag_id(bag_id):
                     raise OutputError(
@@ -357,13 +386,13 @@ class DirectorySink:
                 self.claimed.add(bag_id)
                 # the bags file is rewritten in the same breath as the rename: no interrupt between
                 write_table(
-                    result.table, self.table_path(bag_id), self.fmt, metadata, lambda: self._record(result)
+                    result.arrow, self.table_path(bag_id), self.fmt, metadata, lambda: self._record(result)
                 )
                 return
         except OutputError as err:
             result.summary.status = "error"
             result.summary.error = str(err)
-            result.table = None
+            result.arrow = None
             if not any(summary is result.summary for summary in self.summaries):
                 self._record(result)
             raise

@@ -261,15 +261,15 @@ def test_existing_single_table_needs_overwrite(tmp_path, three_bags, model_file,
 def _raise_enospc_for(monkeypatch, fmt: str, fragment: str) -> None:
     """Writing any file whose name contains `fragment` writes some bytes, then fails with ENOSPC."""
     if fmt == "csv":
-        real = pd.DataFrame.to_csv
+        real = smcli.writers.write_csv
 
-        def to_csv(self, path_or_buf=None, *args, **kwargs):
-            if isinstance(path_or_buf, (str, os.PathLike)) and fragment in os.fspath(path_or_buf):
-                Path(path_or_buf).write_bytes(b"bag_id,instance,x,y,attention_logit,attention_weight\n1,")
+        def write_csv(table, handle, header):
+            if fragment in str(getattr(handle, "name", "")):
+                handle.write(b"bag_id,instance,x,y,attention_logit,attention_weight\n1,")
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real(self, path_or_buf, *args, **kwargs)
+            return real(table, handle, header)
 
-        monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+        monkeypatch.setattr(smcli.writers, "write_csv", write_csv)
     else:
         real_write = pq.write_table
 
@@ -309,17 +309,17 @@ def test_a_failed_write_of_a_single_table_leaves_nothing(
     table = tmp_path / "out" / f"scores{suffix}"
     table.parent.mkdir()
     if suffix == ".csv":
-        real = pd.DataFrame.to_csv
+        real = smcli.writers.write_csv
         calls = []
 
-        def to_csv(self, path_or_buf=None, *args, **kwargs):
-            if isinstance(path_or_buf, os.PathLike) and path_or_buf.name.endswith(".tmp"):
-                calls.append(path_or_buf)
+        def write_csv(rows, handle, header):
+            if str(getattr(handle, "name", "")).endswith(".tmp"):
+                calls.append(handle.name)
                 if len(calls) == 2:  # the second bag's rows
                     raise OSError(errno.ENOSPC, "No space left on device")
-            return real(self, path_or_buf, *args, **kwargs)
+            return real(rows, handle, header)
 
-        monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+        monkeypatch.setattr(smcli.writers, "write_csv", write_csv)
     else:
         import pyarrow.parquet
 
@@ -532,16 +532,16 @@ def _raise_signal_at(monkeypatch, moment: str) -> None:
 
         monkeypatch.setattr(smcli.writers, "csv_rows_written", rows_written)
         return
-    real = pd.DataFrame.to_csv
+    real = smcli.writers.write_csv
 
-    def to_csv(self, path_or_buf=None, *args, **kwargs):
-        result = real(self, path_or_buf, *args, **kwargs)
-        name = Path(path_or_buf).name if isinstance(path_or_buf, (str, os.PathLike)) else ""
-        if moment == "writing_table" and name.startswith(".slide_b.csv."):
+    def write_csv(table, handle, header):
+        real(table, handle, header)
+        if moment == "writing_table" and Path(str(getattr(handle, "name", ""))).name.startswith(
+            ".slide_b.csv."
+        ):
             send()
-        return result
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+    monkeypatch.setattr(smcli.writers, "write_csv", write_csv)
 
 
 @pytest.mark.parametrize(
