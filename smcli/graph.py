@@ -70,9 +70,11 @@ class Adjacency:
 
         with warnings.catch_warnings():  # "sparse CSR support is in beta": not the user's concern
             warnings.simplefilter("ignore", UserWarning)
+            # int32 indices: MKL's sparse kernels would convert int64 ones on every product
+            index_dtype = np.int32 if self.nnz < 2**31 - 1 else np.int64
             return torch.sparse_csr_tensor(
-                torch.from_numpy(self.crow),
-                torch.from_numpy(self.col),
+                torch.from_numpy(self.crow.astype(index_dtype)),
+                torch.from_numpy(self.col.astype(index_dtype)),
                 torch.from_numpy(self.weight).to(dtype),
                 size=(self.n, self.n),
                 check_invariants=False,  # built sorted and in range above

@@ -82,16 +82,18 @@ class Sm(torch.nn.Module):
 
 
 def approx_sm(f: Tensor, adj: Tensor, coef: float, num_steps: int) -> Tensor:
-    """num_steps of g <- (1 - a) f + a A g with a = 1 / (1 + coef), in f's dtype.
+    """num_steps of g <- (1 - a) f + a A g with a = 1 / (1 + coef), from g = f, in f's dtype.
 
     f: (N, C).  Two buffers are reused across steps (fresh 100 MB arrays per step cost more in
     page faults than the arithmetic).
     """
     a = 1.0 / (1.0 + coef)
-    g = f.clone()
+    if num_steps <= 0:
+        return f.clone()
+    g = torch.addmm(f, adj, f, beta=1.0 - a, alpha=a)  # the first step, from g = f  (N, C)
     spare = torch.empty_like(f)
-    for _ in range(num_steps):
-        torch.addmm(f, adj, g, beta=1.0 - a, alpha=a, out=spare)  # (N, C)
+    for _ in range(num_steps - 1):
+        torch.addmm(f, adj, g, beta=1.0 - a, alpha=a, out=spare)
         g, spare = spare, g
     return g
 
@@ -262,7 +264,7 @@ class SmAttentionPool(torch.nn.Module):
         hidden = projected[:, :att_dim] + self.proj1.bias  # (N, att_dim)
         if self.sm_where == "mid":
             hidden = self.smooth(hidden, adj, symmetric)
-        f = self.act_fn(hidden) @ self.proj2.weight.T  # (N, 1)
+        f = torch.mm(self.act_fn(hidden), self.proj2.weight.T)  # (N, 1)
         if self.sm_where == "late":
             f = self.smooth(f, adj, symmetric)
         f = f.squeeze(-1)
