@@ -40,6 +40,11 @@ DistThrOption = Annotated[
         "--dist-thr", help="Neighbour distance in patch steps (default: the model's, usually sqrt 2)."
     ),
 ]
+FeaturesKeyOption = Annotated[
+    str, typer.Option("--features-key", help="Name of the features tensor/dataset.")
+]
+CoordsKeyOption = Annotated[str, typer.Option("--coords-key", help="Name of the coordinates tensor/dataset.")]
+LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 0/1 instance labels.")]
 
 
 def _stderr(message: str) -> None:
@@ -70,15 +75,9 @@ def score(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
-    features_key: Annotated[
-        str, typer.Option("--features-key", help="Tensor name of the features.")
-    ] = "features",
-    coords_key: Annotated[
-        str, typer.Option("--coords-key", help="Tensor name of the coordinates.")
-    ] = "coords",
-    labels_key: Annotated[
-        str, typer.Option("--labels-key", help="Tensor name of 0/1 instance labels.")
-    ] = "labels",
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
     skip_existing: Annotated[
         bool,
         typer.Option("--skip-existing", help="Keep bags whose output file is already complete (resume)."),
@@ -192,13 +191,6 @@ def convert(
         f"in_dim {pool.in_dim}, att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, "
         f"alpha {pool.sm_alpha})"
     )
-
-
-FeaturesKeyOption = Annotated[
-    str, typer.Option("--features-key", help="Name of the features tensor/dataset.")
-]
-CoordsKeyOption = Annotated[str, typer.Option("--coords-key", help="Name of the coordinates tensor/dataset.")]
-LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 0/1 instance labels.")]
 
 
 @app.command("convert-bag")
