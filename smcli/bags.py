@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from smcli.errors import BagError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 from smcli.graph import infer_patch_step
 
 FEATURE_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -45,7 +49,7 @@ class Bag:
 
     path: Path
     bag_id: str
-    features: object
+    features: Tensor
     coords: np.ndarray
     patch_size: float | None = None
     labels: np.ndarray | None = None

@@ -231,7 +231,7 @@ def _draw_bar(draw, layout: Layout, scale: Scale, font) -> None:
     x0, y0, x1, y1 = layout.bar_box
     height = y1 - y0
     for row in range(height):  # top is 1 (hottest), bottom 0
-        colour = tuple(int(c) for c in colormap(1.0 - row / max(1, height - 1)))
+        colour = tuple(int(c) for c in colormap(np.array(1.0 - row / max(1, height - 1))))
         draw.line([(x0, y0 + row), (x1 - 1, y0 + row)], fill=colour)
     draw.rectangle([x0 - 1, y0 - 1, x1, y1], outline=TEXT)
     for position, label in scale.ticks:
@@ -368,7 +368,7 @@ def score_for_heatmap(path: Path, model, column: str, options) -> BagValues:
         bag.coords,
         table[column].to_numpy(dtype=np.float64),
         column,
-        float(summary.patch_step),
+        float(summary.patch_step or 1.0),  # always set for a scored bag
         bag.labels,
         summary.probability,
         list(summary.warnings),

@@ -71,7 +71,7 @@ def _checkpoint_metadata(path: Path) -> dict[str, str] | None:
 def checkpoint_info(path: Path) -> dict[str, Any]:
     """Config as stored, class, in_dim, head, parameter count and sha256 of an smcli checkpoint."""
     loaded = load_model(path)
-    stored = json.loads(_checkpoint_metadata(path)[CONFIG_KEY])
+    stored = json.loads((_checkpoint_metadata(path) or {})[CONFIG_KEY])  # load_model checked it
     return {
         "path": str(path),
         "kind": "checkpoint",
@@ -114,7 +114,7 @@ def bag_info(
     )
     if geometry.source == "bag":
         origin = bag.metadata.get("patch_size_source", "the bag")
-    elif geometry.source == "model":
+    elif geometry.source == "model" and model is not None:
         origin = f"{model.path}: graph.patch_size"
     else:
         origin = STEP_ORIGINS[geometry.source]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -46,6 +47,7 @@ class _SmCoefficient(torch.nn.Module):
 
     def __init__(self, alpha: Alpha) -> None:
         super().__init__()
+        self.coef: torch.nn.Parameter | float
         if alpha == "trainable":
             self.coef = torch.nn.Parameter(torch.tensor(1.0))
         elif isinstance(alpha, float):
@@ -205,7 +207,11 @@ class SmAttentionPool(torch.nn.Module):
         self.proj1 = torch.nn.Linear(in_dim, att_dim)
         self.proj2 = torch.nn.Linear(att_dim, 1, bias=False)
         if spectral_norm:
-            wrap = torch.nn.utils.parametrizations.spectral_norm
+
+            def wrap(layer: torch.nn.Linear) -> torch.nn.Linear:
+                # still a Linear (a parametrized subclass): .weight is W / sigma
+                return cast(torch.nn.Linear, torch.nn.utils.parametrizations.spectral_norm(layer))
+
             if sm_where == "mid":
                 self.proj2 = wrap(self.proj2)
             elif sm_where in ("early", "none"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 from smcli.scoring import BagResult
 
@@ -24,8 +25,8 @@ class Reporter:
         self.patches = 0
         self.started = time.perf_counter()
         self.last_log = self.started
-        self.progress = None
-        self.task = None
+        self.progress: Any = None  # rich.progress.Progress on a terminal
+        self.task: Any = None
 
     def line(self, text: str) -> None:
         if self.progress is not None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +78,8 @@ class BagResult:
     """A bag's summary row and, when it was scored, its per-instance table."""
 
     summary: BagSummary
-    arrow: object = None  # pyarrow.Table with INSTANCE_COLUMNS (+ label); None when not scored
-    _frame: object = field(default=None, repr=False)
+    arrow: Any = None  # pyarrow.Table with INSTANCE_COLUMNS (+ label); None when not scored
+    _frame: Any = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -269,11 +270,14 @@ def score_bags(
         except SmcliError as err:
             return err
 
+    if not paths:
+        return
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(read, paths[0]) if paths else None
+        pending = reader.submit(read, paths[0])
         for index, path in enumerate(paths):
             loaded = pending.result()
-            pending = reader.submit(read, paths[index + 1]) if index + 1 < len(paths) else None
+            if index + 1 < len(paths):
+                pending = reader.submit(read, paths[index + 1])
             if isinstance(loaded, BagResult):
                 yield loaded
             elif isinstance(loaded, SmcliError):

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from smcli.errors import OutputError, UsageError
 from smcli.interrupts import GUARD
@@ -219,8 +220,8 @@ class TableSink:
         self.bags_path = path.with_name(f"{path.stem}_bags.csv")
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.summaries: list[BagSummary] = []
-        self.writer = None
-        self.schema = None
+        self.writer: Any = None  # pyarrow.parquet.ParquetWriter once the first bag arrives
+        self.schema: Any = None
         self.started = False
         self.model_config_json = ""
         if not path.parent.is_dir():
