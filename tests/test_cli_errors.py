@@ -1,0 +1,73 @@
+"""Remaining one-line errors of `smcli score`, each with its exit code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from smcli.checkpoint import ModelConfig, PoolConfig, build_module, save_checkpoint
+from smcli.cli import app
+from tests.conftest import PATCH, tricky_coords
+
+runner = CliRunner()
+
+
+def model_file(tmp_path, mode="approx", coef=None):
+    torch.manual_seed(0)
+    config = ModelConfig(PoolConfig(8, 4, "gelu", mode))
+    module = build_module(config)
+    if coef is not None:
+        with torch.no_grad():
+            module.sm.sm.coef.fill_(coef)
+    path = tmp_path / f"{mode}.safetensors"
+    save_checkpoint(module.state_dict(), config, path)
+    return path
+
+
+@pytest.fixture
+def bag(bag_file):
+    coords = tricky_coords(0)
+    return bag_file("slide", torch.randn(len(coords), 8), coords, patch_size=PATCH)
+
+
+def invoke(*args):
+    return runner.invoke(app, ["score", *map(str, args), "--device", "cpu"])
+
+
+def test_parquet_to_stdout_is_a_usage_error(tmp_path, bag):
+    result = invoke(bag, "-m", model_file(tmp_path), "--format", "parquet")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: parquet needs an output file or directory (-o)"
+
+
+def test_format_contradicting_the_file_name_is_a_usage_error(tmp_path, bag):
+    result = invoke(bag, "-m", model_file(tmp_path), "-o", tmp_path / "x.csv", "--format", "parquet")
+    assert result.exit_code == 2
+    assert "--format parquet contradicts the output file name" in result.stderr
+
+
+def test_a_directory_without_bags_is_a_usage_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke(empty, "-m", model_file(tmp_path))
+    assert result.exit_code == 2
+    assert f"no bags found in {empty}" in result.stderr
+
+
+def test_an_indefinite_exact_system_fails_the_bag_with_its_reason(tmp_path, bag):
+    result = invoke(bag, "-m", model_file(tmp_path, "exact", coef=-0.7), "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == (
+        f"error: {bag}: exact Sm needs coef > -0.5 for a positive definite system, the model has -0.7"
+    )
+
+
+def test_a_patch_step_far_too_large_fails_the_bag_not_the_machine(tmp_path, bag_file):
+    coords = np.argwhere(np.ones((40, 40))) * 512
+    big = bag_file("big", torch.randn(len(coords), 8), coords)
+    result = invoke(big, "-m", model_file(tmp_path), "--patch-size", "1000000", "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "the patch step is far too large for these coords" in result.stderr
+    assert "Traceback" not in result.stderr
