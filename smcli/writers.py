@@ -104,7 +104,7 @@ def write_table(
 def write_csv(table, handle, header: bool) -> None:
     """A pyarrow Table as plain CSV (no quotes) into a binary file; pandas for values needing quotes.
 
-    Floats are written in their shortest round-trip form, as pandas does.
+    Floats are written in their shortest round-trip form.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
