@@ -221,3 +221,17 @@ def test_sm_localizes_better_than_the_baseline_on_the_samples():
         assert len(values) == len(SAMPLE_FILES) // 2
         means[name] = float(np.mean(values))
     assert means["sm_abmil"] > means["abmil"] > 0.6
+
+
+def test_training_is_deterministic(world, tmp_path):
+    """Same seed, same bags -> the same weights, bit for bit (the trainer's promise, small scale)."""
+    bags = [train_demo.bag_tensors(small_slide(world, seed=s, positive=s % 2 == 0, n=200)) for s in range(6)]
+    runs = []
+    for _ in range(2):
+        model, _ = train_demo.train(
+            train_demo.model_config("early"), bags, seed=3, epochs=1, lr=1e-3, weight_decay=0.05
+        )
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not torch.equal(runs[0]["pool.sm.sm.coef"], torch.tensor(1.0))  # it did train
