@@ -14,7 +14,7 @@ import numpy as np
 from smcli.bags import Bag, BagKeys, Geometry, load_bag, peek_bag_id, resolve_geometry
 from smcli.checkpoint import LoadedModel
 from smcli.errors import BagError, SmcliError, UsageError
-from smcli.graph import GraphError, build_adjacency, duplicate_cells, grid_cells
+from smcli.graph import Adjacency, GraphError, build_adjacency, duplicate_cells, grid_cells
 
 INSTANCE_COLUMNS = ["bag_id", "instance", "x", "y", "attention_logit", "attention_weight"]
 LOW_MEAN_DEGREE = 2.0
@@ -136,8 +136,39 @@ def geometry_warnings(bag: Bag, geometry: Geometry, cells: np.ndarray, n_edges: 
     return warnings
 
 
-def score_bag(model: LoadedModel, bag: Bag | str | Path, options: ScoreOptions = ScoreOptions()) -> BagResult:
-    """Score one bag (a loaded Bag, or a path to read). Raises BagError for problems with this bag.
+@dataclass
+class PreparedBag:
+    """A bag with its graph built: the CPU-side work, done by the reader thread in a batch."""
+
+    bag: Bag
+    geometry: Geometry
+    dist_thr: float
+    cells: np.ndarray
+    adjacency: Adjacency
+    seconds: float  # spent preparing
+
+
+def prepare_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptions()) -> PreparedBag:
+    """Check the bag against the model and build its graph. Raises BagError."""
+    started = time.perf_counter()
+    if bag.features.shape[1] != model.in_dim:
+        raise BagError(
+            f"{bag.path}: features have {bag.features.shape[1]} columns, the model expects {model.in_dim}"
+        )
+    geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
+    dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
+    try:
+        cells = grid_cells(bag.coords, geometry.patch_step)
+        adjacency = build_adjacency(cells, dist_thr)
+    except GraphError as err:
+        raise BagError(f"{bag.path}: {err}") from None
+    return PreparedBag(bag, geometry, dist_thr, cells, adjacency, time.perf_counter() - started)
+
+
+def score_bag(
+    model: LoadedModel, bag: Bag | PreparedBag | str | Path, options: ScoreOptions = ScoreOptions()
+) -> BagResult:
+    """Score one bag (loaded, prepared, or a path to read). Raises BagError for problems with it.
 
     Returns the per-instance table (INSTANCE_COLUMNS, plus `label` when the bag has labels) and
     the bag's summary row.
@@ -151,20 +182,12 @@ def score_bag(model: LoadedModel, bag: Bag | str | Path, options: ScoreOptions =
     from smcli.metrics import auroc
     from smcli.model import SmSolveError
 
-    if not isinstance(bag, Bag):
+    if isinstance(bag, (str, Path)):
         bag = load_bag(bag, options.keys)
-    started = time.perf_counter()
-    if bag.features.shape[1] != model.in_dim:
-        raise BagError(
-            f"{bag.path}: features have {bag.features.shape[1]} columns, the model expects {model.in_dim}"
-        )
-    geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
-    dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
-    try:
-        cells = grid_cells(bag.coords, geometry.patch_step)
-        adjacency = build_adjacency(cells, dist_thr)
-    except GraphError as err:
-        raise BagError(f"{bag.path}: {err}") from None
+    prepared = bag if isinstance(bag, PreparedBag) else prepare_bag(model, bag, options)
+    started = time.perf_counter() - prepared.seconds
+    bag, geometry, dist_thr = prepared.bag, prepared.geometry, prepared.dist_thr
+    cells, adjacency = prepared.cells, prepared.adjacency
 
     device = torch.device(options.device)
     features = bag.features.to(device, non_blocking=True)
@@ -253,20 +276,20 @@ def score_bags(
     options: ScoreOptions = ScoreOptions(),
     precheck: Callable[[Path, str], BagResult | None] | None = None,
 ) -> Iterator[BagResult]:
-    """Score bags one by one, reading the next bag while the current one computes.
+    """Score bags one by one, reading the next bag and building its graph while the current one computes.
 
     `precheck(path, bag_id)` may answer for a bag before it is read (e.g. output already there);
     a bag that cannot be read or scored yields a result with status 'error'; the others go on.
     """
     paths = [Path(p) for p in paths]
 
-    def read(path: Path) -> Bag | BagResult | SmcliError:
+    def read(path: Path) -> PreparedBag | BagResult | SmcliError:
         if precheck is not None:
             answer = precheck(path, peek_bag_id(path))
             if answer is not None:
                 return answer
         try:
-            return load_bag(path, options.keys)
+            return prepare_bag(model, load_bag(path, options.keys), options)
         except SmcliError as err:
             return err
 
@@ -286,6 +309,6 @@ def score_bags(
                 try:
                     result = score_bag(model, loaded, options)
                 except SmcliError as err:
-                    result = failed(path, err, loaded.bag_id)
+                    result = failed(path, err, loaded.bag.bag_id)
                 del loaded
                 yield result
