@@ -178,8 +178,8 @@ def raster_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nd
     n = cells.shape[0]
     offsets = neighbour_offsets(dist_thr)
     offsets = offsets[np.any(offsets != 0, axis=1)]  # no duplicates here, so no same-cell pairs
-    if n < 2 or offsets.shape[0] == 0:
-        return None if n >= 2 and dist_thr >= 0 and duplicate_cells(cells) else np.zeros((2, 0), np.int64)
+    if offsets.shape[0] == 0:  # only same-cell pairs could be edges: build_edges handles those
+        return None if duplicate_cells(cells) else np.zeros((2, 0), np.int64)
     reach = int(np.abs(offsets).max())
     width = int(cells[:, 0].max()) + 1 + 2 * reach
     height = int(cells[:, 1].max()) + 1 + 2 * reach

@@ -2,7 +2,7 @@
 
 A rich progress bar when stderr is a terminal (bags done / total, patches per second, ETA, the
 latest bag); otherwise plain log lines about every 5% or 30 s; with quiet, nothing but errors.
-Errors and warnings are one line each, always starting with `error:` / `warning:`.
+Errors, warnings and notes are one line each, starting with `error:` / `warning:` / `note:`.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class Reporter:
         if summary.status == "error":
             self.line(f"error: {summary.error}")
         elif not self.quiet:
+            if summary.patch_step_source == "inferred":  # no flag, metadata or model said it
+                self.line(f"note: {summary.path}: patch step {summary.patch_step:g} inferred from the coords")
             for warning in summary.warnings:
                 self.line(f"warning: {summary.path}: {warning}")
         elapsed = max(time.perf_counter() - self.started, 1e-9)

@@ -14,7 +14,14 @@ import numpy as np
 from smcli.bags import Bag, BagKeys, Geometry, load_bag, peek_bag_id, resolve_geometry
 from smcli.checkpoint import LoadedModel
 from smcli.errors import BagError, SmcliError, UsageError
-from smcli.graph import Adjacency, GraphError, build_adjacency, duplicate_cells, grid_cells
+from smcli.graph import (
+    Adjacency,
+    GraphError,
+    build_adjacency,
+    duplicate_cells,
+    grid_cells,
+    infer_patch_step,
+)
 
 INSTANCE_COLUMNS = ["bag_id", "instance", "x", "y", "attention_logit", "attention_weight"]
 LOW_MEAN_DEGREE = 2.0
@@ -113,8 +120,6 @@ def resolve_device(name: str) -> str:
 
 def geometry_warnings(bag: Bag, geometry: Geometry, cells: np.ndarray, n_edges: int) -> list[str]:
     """Signs of a wrong patch step: patches sharing a cell, or a graph with (almost) no edges."""
-    from smcli.graph import infer_patch_step
-
     warnings = []
     shared = duplicate_cells(cells)
     if shared:

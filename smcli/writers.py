@@ -299,9 +299,6 @@ class TableSink:
             raise OutputError(f"{self.path}: cannot write ({_describe_os_error(err)})") from None
 
 
-EXISTING_POLICIES = ("fail", "skip", "overwrite")
-
-
 class DirectorySink:
     """One file per bag plus `_bags.csv` (rewritten after every bag), each written atomically.
 

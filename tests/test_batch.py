@@ -37,7 +37,7 @@ from tests.conftest import PATCH
 
 IN_DIM = 8
 ATT_DIM = 4
-STDERR_PREFIXES = ("smcli: ", "error: ", "warning: ")
+STDERR_PREFIXES = ("smcli: ", "error: ", "warning: ", "note: ")
 
 runner = CliRunner()
 

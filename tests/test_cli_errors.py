@@ -71,3 +71,12 @@ def test_a_patch_step_far_too_large_fails_the_bag_not_the_machine(tmp_path, bag_
     assert result.exit_code == 1
     assert "the patch step is far too large for these coords" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_inferred_patch_step_is_said_on_stderr(tmp_path, bag_file):
+    coords = tricky_coords(3)
+    bag = bag_file("no_step", torch.randn(len(coords), 8), coords)  # no patch_size metadata
+    result = invoke(bag, "-m", model_file(tmp_path))
+    assert result.exit_code == 0
+    assert f"note: {bag}: patch step {PATCH} inferred from the coords" in result.stderr.splitlines()
+    assert invoke(bag, "-m", model_file(tmp_path), "--quiet").stderr == ""

@@ -487,4 +487,4 @@ def test_mutants_in_a_real_process_finish_in_time(tmp_path, workspace):
     assert done.stdout == ""
     check_run(directory, out, done.returncode, done.stderr, kinds, reference)
     for line in done.stderr.splitlines():  # nothing but smcli's own one-line messages
-        assert line.startswith(("smcli: ", "error: ", "warning: ")), repr(line)
+        assert line.startswith(("smcli: ", "error: ", "warning: ", "note: ")), repr(line)
