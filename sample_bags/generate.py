@@ -29,7 +29,8 @@ What a slide looks like
 Determinism: everything comes from numpy's PCG64 streams seeded through SeedSequence, with no
 FFT or BLAS reductions in the per-slide path, and the files are written by a small safetensors
 writer with sorted keys (the safetensors package serializes multi-key metadata in hash order,
-which changes from process to process). The same seed gives byte-identical files.
+which changes from process to process). The same seed gives byte-identical files on one machine;
+another CPU's vectorized exp/sin may differ in the last bits.
 """
 
 from __future__ import annotations

@@ -261,8 +261,15 @@ class SmAttentionPool(torch.nn.Module):
         weights = weight1 if head is None else torch.cat([weight1, head.weight])
         weights = weights.to(torch.float32)
         projected = torch.empty(X.shape[0], weights.shape[0], dtype=torch.float32, device=X.device)
+        # Every chunk is copied into one freshly allocated (so 64-byte aligned) buffer before the
+        # GEMM: on some CPUs (seen on AMD EPYC) a float32 GEMM gives different last bits when its
+        # input is not 16-byte aligned, and where the features sit depends on the file format
+        # (safetensors header length, h5 reads). The copy makes the bits independent of that.
+        staging = torch.empty(min(chunk_rows, X.shape[0]), X.shape[1], dtype=torch.float32, device=X.device)
         for start in range(0, X.shape[0], chunk_rows):
-            rows = X[start : start + chunk_rows].to(torch.float32)
+            chunk = X[start : start + chunk_rows]
+            rows = staging[: chunk.shape[0]]
+            rows.copy_(chunk)  # converts float16/bfloat16/float64 on the way
             torch.mm(rows, weights.T, out=projected[start : start + chunk_rows])  # (rows, att+1)
 
         if self.sm_where == "early":
