@@ -16,7 +16,8 @@ slide.
 
 CPU only, one thread, deterministic algorithms: running it twice on one machine writes
 byte-identical checkpoints (another CPU may round float32 differently in the last bits), in
-about half a minute on one core. Neither torchmil nor smcli's no-grad production path is used for training: `forward` below is torchmil's SmABMIL forward written with
+about half a minute on one core. Neither torchmil nor smcli's no-grad production path is used
+for training: `forward` below is torchmil's SmABMIL forward written with
 autograd-friendly ops (smcli.model.approx_sm writes into preallocated buffers with out= and takes
 coef as a float, so gradients would reach neither the features nor sm.sm.coef). The modules
 themselves are smcli's (build_module), so the state dict has torchmil's layout; after training
