@@ -4,8 +4,9 @@ Metadata key `smcli_config` holds JSON:
     {"pool": {in_dim, att_dim, act, sm_mode, sm_alpha, sm_steps, sm_where, spectral_norm},
      "head": bool, "graph": {"patch_size": float | null, "dist_thr": float},
      "smcli_version": str, "training": {...optional recipe}}
-Scoring loads only safetensors (no pickle is ever executed). `convert_state_dict` turns a
-`torch.save(model.state_dict())` file into a checkpoint, reading the .pt with weights_only=True.
+Scoring loads only safetensors (no pickle is ever executed), into numpy: no torch import.
+`convert_state_dict` turns a `torch.save(model.state_dict())` file into a checkpoint, reading the
+.pt with weights_only=True (the one place torch is needed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from smcli.errors import ModelError
 from smcli.graph import DEFAULT_DIST_THR
+from smcli.model import PoolConfig  # the model's constructor arguments; re-exported here
 
 CONFIG_KEY = "smcli_config"
 ACTS = ("tanh", "relu", "gelu")
@@ -26,20 +28,6 @@ SM_MODES = ("approx", "exact")
 SM_WHERE = ("early", "mid", "late", "none")
 
 Alpha = float | str
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """SmAttentionPool constructor arguments (torchmil 1.0.2 names and defaults)."""
-
-    in_dim: int
-    att_dim: int = 128
-    act: str = "gelu"
-    sm_mode: str = "approx"
-    sm_alpha: Alpha = "trainable"
-    sm_steps: int = 10
-    sm_where: str = "early"
-    spectral_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to score: its config, the torch module, and where it came from."""
+    """A checkpoint ready to score: its config, the model (smcli.model), and where it came from."""
 
     config: ModelConfig
     module: Any  # smcli.model.SmAttentionPool or SmABMIL
@@ -79,7 +67,7 @@ class LoadedModel:
 
     @property
     def n_parameters(self) -> int:
-        return sum(int(t.numel()) for t in self.module.state_dict().values())
+        return sum(int(t.size) for t in self.module.state_dict().values())
 
 
 def _fail(path: Path, message: str) -> ModelError:
@@ -156,13 +144,13 @@ def _positive_float(value: Any, name: str) -> float:
     return float(value)
 
 
-def build_module(config: ModelConfig):
-    """An smcli module with torchmil's state-dict layout for this config (eval mode)."""
+def build_module(config: ModelConfig, seed: int = 0):
+    """An smcli model with torchmil's state-dict layout for this config, weights drawn from `seed`."""
     from smcli.model import SmABMIL, SmAttentionPool
 
-    pool = SmAttentionPool(**asdict(config.pool))
+    pool = SmAttentionPool(config.pool, seed=seed)
     if config.head:
-        return SmABMIL(pool, config.pool.in_dim)
+        return SmABMIL(pool, config.pool.in_dim, seed=seed + 1)
     return pool
 
 
@@ -175,16 +163,17 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Read an smcli checkpoint (.safetensors) and build the module it describes."""
+    """Read an smcli checkpoint (.safetensors) and build the model it describes, on `device`."""
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such model file")
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+
+    from smcli.tensorfile import read_safetensors
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        read = read_safetensors(path)
+        metadata, tensors = read.metadata, read.tensors
     except PermissionError:
         raise _fail(path, "permission denied") from None
     except (SafetensorError, OSError, ValueError, RuntimeError):
@@ -203,9 +192,16 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(config, module.to(device), path, file_sha256(path))
 
 
+def _is_floating(tensor) -> bool:
+    """numpy or torch: a floating-point dtype (an Unreadable float8 is not one smcli can use)."""
+    if hasattr(tensor, "is_floating_point"):
+        return bool(tensor.is_floating_point())
+    return getattr(getattr(tensor, "dtype", None), "kind", "") == "f"
+
+
 def _load_state(module, tensors: dict, path: Path) -> None:
     result_problems = []
-    expected = module.state_dict()
+    expected = module.shapes()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -213,27 +209,26 @@ def _load_state(module, tensors: dict, path: Path) -> None:
     if unexpected:
         result_problems.append("unexpected " + ", ".join(unexpected))
     for key in sorted(set(expected) & set(tensors)):
-        if tuple(expected[key].shape) != tuple(tensors[key].shape):
+        if tuple(expected[key]) != tuple(tensors[key].shape):
             result_problems.append(
-                f"{key} has shape {tuple(tensors[key].shape)}, the config needs {tuple(expected[key].shape)}"
+                f"{key} has shape {tuple(tensors[key].shape)}, the config needs {tuple(expected[key])}"
             )
-        elif not tensors[key].is_floating_point():
+        elif not _is_floating(tensors[key]):
             result_problems.append(f"{key} has dtype {tensors[key].dtype}, expected floating point")
     if result_problems:
         raise _fail(path, "tensors do not fit the config: " + "; ".join(result_problems))
     module.load_state_dict(tensors, strict=True)
-    module.eval()
 
 
 def save_checkpoint(tensors: dict, config: ModelConfig, out: Path) -> None:
-    """Write tensors + config as a safetensors checkpoint, atomically."""
-    from safetensors.torch import save_file
-
+    """Write tensors (numpy or torch; bfloat16 widened to float32) + config as a checkpoint, atomically."""
+    from smcli.model import to_numpy
+    from smcli.tensorfile import write_safetensors
     from smcli.writers import atomic_path
 
-    payload = {key: value.detach().contiguous().clone() for key, value in tensors.items()}
+    payload = {key: to_numpy(value) for key, value in tensors.items()}
     with atomic_path(out) as tmp:
-        save_file(payload, str(tmp), metadata={CONFIG_KEY: config.to_json()})
+        write_safetensors(tmp, payload, {CONFIG_KEY: config.to_json()})
 
 
 @dataclass(frozen=True)
@@ -291,7 +286,7 @@ def convert_state_dict(state: dict, options: ConvertOptions, path: Path) -> Conv
     spectral1 = "proj1.parametrizations.weight.original" in pool_state
     spectral2 = "proj2.parametrizations.weight.original" in pool_state
     weight1 = pool_state.get("proj1.parametrizations.weight.original", pool_state.get("proj1.weight"))
-    if weight1 is None or weight1.dim() != 2:
+    if weight1 is None or weight1.ndim != 2:
         raise _fail(path, "no proj1 weight: not a torchmil SmAttentionPool or SmABMIL state dict")
     att_dim, in_dim = (int(s) for s in weight1.shape)
 

@@ -9,7 +9,8 @@ without a KD-tree loop and without ever forming an N x N matrix:
 3. weight_ij = d_i^-1/2 * d_j^-1/2 with d the degree; isolated patches keep an empty (zero) row
 4. a one-instance bag gets the 1 x 1 matrix [[1]] (torchmil adds a self loop there).
 
-Only numpy is used here; `Adjacency.to_torch` makes the CSR tensor the model consumes.
+Only numpy is used here; `Adjacency.to_scipy` makes the CSR matrix the model consumes
+(`to_torch` a torch sparse CSR tensor, for callers that want one).
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Adjacency:
     def rows(self) -> np.ndarray:
         """(nnz,) row index of every stored entry."""
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.crow))
+
+    def to_scipy(self):
+        """The matrix as a scipy.sparse CSR matrix (n, n), float64 values (what the model consumes)."""
+        import scipy.sparse
+
+        return scipy.sparse.csr_matrix((self.weight, self.col, self.crow), shape=(self.n, self.n))
 
     def to_torch(self, dtype, device="cpu"):
         """The matrix as a torch sparse CSR tensor of shape (n, n)."""
