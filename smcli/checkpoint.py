@@ -2,8 +2,10 @@
 
 Metadata key `smcli_config` holds JSON:
     {"pool": {in_dim, att_dim, act, sm_mode, sm_alpha, sm_steps, sm_where, spectral_norm},
-     "head": bool, "graph": {"patch_size": float | null, "dist_thr": float},
-     "smcli_version": str, "training": {...optional recipe}}
+     "head": bool, "graph": {"patch_size": float | null, "dist_thr": float, "normalize": bool,
+     "weights": "binary" | "feature_distance", "origin": "min" | "zero"},
+     "smcli_version": str, "training": {...optional recipe},
+     "assumed": ["sm_mode=approx", ...]  (settings `convert` took from torchmil defaults; optional)}
 Scoring loads only safetensors (no pickle is ever executed). `convert_state_dict` turns a
 `torch.save(model.state_dict())` file into a checkpoint, reading the .pt with weights_only=True.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from smcli.errors import ModelError
-from smcli.graph import DEFAULT_DIST_THR
+from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, ORIGINS, GraphOptions
 
 CONFIG_KEY = "smcli_config"
 ACTS = ("tanh", "relu", "gelu")
@@ -49,6 +51,8 @@ class ModelConfig:
     patch_size: float | None = None
     dist_thr: float = DEFAULT_DIST_THR
     training: dict[str, Any] = field(default_factory=dict)
+    graph: GraphOptions = GraphOptions()
+    assumed: tuple[str, ...] = ()  # "name=value" settings taken from torchmil defaults by convert
 
     def to_json(self) -> str:
         from smcli import __version__
@@ -56,11 +60,13 @@ class ModelConfig:
         document: dict[str, Any] = {
             "pool": asdict(self.pool),
             "head": self.head,
-            "graph": {"patch_size": self.patch_size, "dist_thr": self.dist_thr},
+            "graph": {"patch_size": self.patch_size, "dist_thr": self.dist_thr, **asdict(self.graph)},
             "smcli_version": __version__,
         }
         if self.training:
             document["training"] = self.training
+        if self.assumed:
+            document["assumed"] = list(self.assumed)
         return json.dumps(document, sort_keys=True)
 
 
@@ -113,7 +119,13 @@ def parse_config(text: str, path: Path) -> ModelConfig:
             patch_size = _positive_float(patch_size, "patch_size")
         dist_thr = _positive_float(graph.get("dist_thr", DEFAULT_DIST_THR), "dist_thr")
         training = document.get("training") or {}
-        return ModelConfig(config, bool(document.get("head", False)), patch_size, dist_thr, training)
+        options = parse_graph_options(graph)
+        check_graph_options(config, options)
+        assumed = document.get("assumed") or []
+        if not isinstance(assumed, list) or not all(isinstance(item, str) for item in assumed):
+            raise ValueError("assumed must be a list of strings")
+        head = bool(document.get("head", False))
+        return ModelConfig(config, head, patch_size, dist_thr, training, options, tuple(assumed))
     except json.JSONDecodeError as err:
         raise _fail(path, f"config metadata is not valid JSON ({err.msg})") from None
     except KeyError as err:
@@ -134,6 +146,35 @@ def check_pool_config(config: PoolConfig) -> None:
         alpha = config.sm_alpha
         if not (isinstance(alpha, float) and 0.0 <= alpha < 1.0):
             raise ValueError(f"sm_alpha must be 'trainable' or a number in [0, 1), got {alpha!r}")
+
+
+def parse_graph_options(graph: dict) -> GraphOptions:
+    """The graph options of a config's graph section (absent keys: torchmil's dataset defaults)."""
+    normalize = graph.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be true or false, got {normalize!r}")
+    weights = graph.get("weights", "binary")
+    if weights not in EDGE_WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(EDGE_WEIGHTS)}, got {weights!r}")
+    origin = graph.get("origin", "min")
+    if origin not in ORIGINS:
+        raise ValueError(f"origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+    return GraphOptions(normalize, weights, origin)
+
+
+def has_sm(pool: PoolConfig) -> bool:
+    """torchmil builds an Sm (not an Identity) for these settings."""
+    return pool.sm_steps > 0 and pool.sm_alpha not in (0.0, 0) and pool.sm_where != "none"
+
+
+def check_graph_options(pool: PoolConfig, graph: GraphOptions) -> None:
+    """Raise ValueError for a combination smcli cannot compute exactly."""
+    if not graph.normalize and pool.sm_mode == "exact" and has_sm(pool):
+        # the exact solver's Chebyshev interval assumes a spectrum in [-1, 1] (normalized graphs)
+        raise ValueError(
+            "exact Sm on an unnormalized adjacency (normalize false) is not supported yet: "
+            "its spectrum is not bounded by 1"
+        )
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -223,6 +264,11 @@ def _load_state(module, tensors: dict, path: Path) -> None:
         raise _fail(path, "tensors do not fit the config: " + "; ".join(result_problems))
     module.load_state_dict(tensors, strict=True)
     module.eval()
+
+
+def verify_state(module, tensors: dict, path: Path) -> None:
+    """Load `tensors` into `module` strictly; a ModelError names every tensor that does not fit."""
+    _load_state(module, tensors, path)
 
 
 def save_checkpoint(tensors: dict, config: ModelConfig, out: Path) -> None:
