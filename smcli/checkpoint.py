@@ -6,8 +6,8 @@ Metadata key `smcli_config` holds JSON:
      "weights": "binary" | "feature_distance", "origin": "min" | "zero"},
      "smcli_version": str, "training": {...optional recipe},
      "assumed": ["sm_mode=approx", ...]  (settings `convert` took from torchmil defaults; optional)}
-Scoring loads only safetensors (no pickle is ever executed). `convert_state_dict` turns a
-`torch.save(model.state_dict())` file into a checkpoint, reading the .pt with weights_only=True.
+Scoring loads only safetensors (no pickle is ever executed). Checkpoints are made by
+`smcli.convert` (from torchmil training files) and `smcli.export` (from a live torchmil model).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ SM_MODES = ("approx", "exact")
 SM_WHERE = ("early", "mid", "late", "none")
 
 Alpha = float | str
+# the layers torchmil wraps with spectral norm (proj1, proj2), per sm_where
+SPECTRAL_LAYERS = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": (False, False)}
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,15 @@ def check_graph_options(pool: PoolConfig, graph: GraphOptions) -> None:
         )
 
 
+def feature_extractor_refusal(names: list[str]) -> str:
+    """The message for a model with a feature extractor (SmABMIL feat_ext), naming its tensors."""
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (
+        f"the model has a feature extractor ({shown}): smcli scores precomputed features only; "
+        "run it over the patches into the bags, then give smcli the model without it"
+    )
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -280,113 +291,6 @@ def save_checkpoint(tensors: dict, config: ModelConfig, out: Path) -> None:
     payload = {key: value.detach().contiguous().clone() for key, value in tensors.items()}
     with atomic_path(out) as tmp:
         save_file(payload, str(tmp), metadata={CONFIG_KEY: config.to_json()})
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Flags of `smcli convert`; None means 'not given' (the torchmil default then applies)."""
-
-    act: str | None = None
-    sm_mode: str = "approx"
-    sm_alpha: Alpha | None = None
-    sm_steps: int = 10
-    sm_where: str = "early"
-    patch_size: float | None = None
-    dist_thr: float = DEFAULT_DIST_THR
-
-
-@dataclass
-class ConvertResult:
-    config: ModelConfig
-    notes: list[str]
-
-
-def read_state_dict(path: Path) -> dict:
-    """Load a torch.save'd state dict with weights_only=True: a pickle that runs code is refused."""
-    import pickle
-
-    import torch
-
-    if not path.is_file():
-        raise _fail(path, "no such file")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unsafe pickle"
-        raise _fail(path, f"refused to load: not a plain state dict ({first_line.strip()})") from None
-    except PermissionError:
-        raise _fail(path, "permission denied") from None
-    except Exception as err:  # torch raises many kinds for garbage input
-        raise _fail(path, f"cannot read as a torch state dict ({type(err).__name__})") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise _fail(path, "does not hold a state dict (a mapping of names to tensors)")
-    return state
-
-
-def convert_state_dict(state: dict, options: ConvertOptions, path: Path) -> ConvertResult:
-    """Infer in_dim, att_dim, spectral_norm and head from the tensors; the rest from options."""
-    notes: list[str] = []
-    head = any(key.startswith("pool.") for key in state)
-    pool_state = {k[len("pool.") :]: v for k, v in state.items() if k.startswith("pool.")} if head else state
-    if head:
-        others = sorted(k for k in state if not k.startswith("pool.") and not k.startswith("last_layer."))
-        if others:
-            raise _fail(path, "unexpected tensors for an SmABMIL state dict: " + ", ".join(others[:5]))
-    spectral1 = "proj1.parametrizations.weight.original" in pool_state
-    spectral2 = "proj2.parametrizations.weight.original" in pool_state
-    weight1 = pool_state.get("proj1.parametrizations.weight.original", pool_state.get("proj1.weight"))
-    if weight1 is None or weight1.dim() != 2:
-        raise _fail(path, "no proj1 weight: not a torchmil SmAttentionPool or SmABMIL state dict")
-    att_dim, in_dim = (int(s) for s in weight1.shape)
-
-    spectral_norm = spectral1 or spectral2
-    where = options.sm_where
-    if where not in SM_WHERE:
-        raise _fail(path, f"sm_where must be one of {', '.join(SM_WHERE)}, got {where!r}")
-    # torchmil wraps proj1 and proj2 for early/none, proj2 only for mid, nothing for late
-    wrapped = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": (False, False)}
-    if spectral_norm and wrapped[where] != (spectral1, spectral2):
-        found = "proj1 and proj2" if spectral1 and spectral2 else "proj1 only" if spectral1 else "proj2 only"
-        raise _fail(path, f"spectral-norm tensors on {found} do not fit --sm-where {where}")
-
-    has_coef = "sm.sm.coef" in pool_state
-    alpha = options.sm_alpha
-    if alpha is None:
-        alpha = "trainable"
-        if not has_coef and where != "none" and options.sm_steps > 0:
-            raise _fail(
-                path,
-                "no sm.sm.coef tensor, so alpha was not trainable: pass --sm-alpha FLOAT "
-                "(or --sm-where none if the model has no Sm)",
-            )
-    if has_coef and alpha != "trainable":
-        raise _fail(
-            path, f"--sm-alpha {alpha} contradicts the tensors: sm.sm.coef is present, so alpha was trainable"
-        )
-    act = options.act
-    if act is None:
-        act = "tanh" if head else "gelu"
-        notes.append(
-            f"--act not given: using {act}, torchmil's default for {'SmABMIL' if head else 'SmAttentionPool'}"
-        )
-    pool = PoolConfig(in_dim, att_dim, act, options.sm_mode, alpha, options.sm_steps, where, spectral_norm)
-    try:
-        check_pool_config(pool)
-    except ValueError as err:
-        raise _fail(path, str(err)) from None
-    config = ModelConfig(pool, head, options.patch_size, options.dist_thr)
-    _load_state(build_module(config), state, path)  # every tensor must fit, strictly
-    return ConvertResult(config, notes)
-
-
-def convert(pt_path: Path, out: Path, options: ConvertOptions) -> ConvertResult:
-    """`smcli convert`: torchmil state dict (.pt) -> smcli checkpoint (.safetensors)."""
-    state = read_state_dict(pt_path)
-    result = convert_state_dict(state, options, pt_path)
-    save_checkpoint(state, result.config, out)
-    return result
 
 
 def with_training(config: ModelConfig, training: dict) -> ModelConfig:

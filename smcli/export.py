@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from smcli.checkpoint import (
+    SPECTRAL_LAYERS,
     ModelConfig,
     PoolConfig,
     build_module,
     check_graph_options,
     check_pool_config,
+    feature_extractor_refusal,
     save_checkpoint,
     verify_state,
 )
@@ -35,7 +37,6 @@ DATASET_GRIDS = {
 }
 # methods that build the graph; a class we do not know overriding one of them is refused
 DATASET_GRAPH_METHODS = ("_load_coords", "_build_adj", "_build_bag")
-SPECTRAL_LAYERS = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": (False, False)}
 
 
 def _fail(message: str) -> ModelError:
@@ -119,11 +120,7 @@ def _model_parts(model: Any) -> tuple[Any, bool]:
         if feat_ext is not None:
             names = [f"feat_ext.{key}" for key in feat_ext.state_dict()]
             if names:
-                raise _fail(
-                    f"the model has a feature extractor ({', '.join(names[:4])}"
-                    f"{', ...' if len(names) > 4 else ''}): smcli scores precomputed features only; "
-                    "run feat_ext over the patches into the bags, then export with feat_ext = Identity()",
-                )
+                raise _fail(feature_extractor_refusal(names))
         return model.pool, True
     if all(hasattr(model, name) for name in ("proj1", "proj2", "sm", "sm_where")):
         return model, False

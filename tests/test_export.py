@@ -15,24 +15,13 @@ from smcli.bags import load_bag
 from smcli.checkpoint import load_model
 from smcli.errors import ModelError
 from smcli.scoring import score_bag
-from tests.conftest import PATCH, torchmil_adjacency, tricky_coords
+from tests.conftest import PATCH, make_torchmil_model, torchmil_adjacency, tricky_coords
 
 IN_DIM = 12
 
 
 def make_model(head, mode, where, spectral, alpha, act, steps=10):
-    if head:
-        return TorchmilSmABMIL(
-            (IN_DIM,),
-            att_dim=5,
-            att_act=act,
-            sm_mode=mode,
-            sm_alpha=alpha,
-            sm_steps=steps,
-            sm_where=where,
-            spectral_norm=spectral,
-        )
-    return TorchmilPool(IN_DIM, 5, act, mode, alpha, steps, where, spectral)
+    return make_torchmil_model(IN_DIM, 5, head, mode, where, spectral, alpha, act, steps)
 
 
 def train_steps(model, features, adj, steps=3):
