@@ -409,6 +409,73 @@ def heatmap(
     raise typer.Exit(code=1 if failed else 0)
 
 
+@app.command("geojson")
+def geojson(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Scores tables (.csv/.parquet from `smcli score`), or bags with -m.")
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Directory (one <bag_id>.geojson per bag) or a .geojson for one bag."
+        ),
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="Checkpoint to score bag inputs with."),
+    ] = None,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Classify the K highest-attention patches 'Top attention'.")
+    ] = 10,
+    min_percentile: Annotated[
+        float, typer.Option("--min-percentile", help="Keep only patches at or above this percentile.")
+    ] = 0.0,
+    detection: Annotated[
+        bool, typer.Option("--detection", help="QuPath detections instead of tiles.")
+    ] = False,
+    patch_size: PatchSizeOption = None,
+    dist_thr: DistThrOption = None,
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
+) -> None:
+    """Write per-patch attention as GeoJSON for QuPath: one square tile per patch, in level-0 pixels.
+
+    Each tile carries measurements attention_logit, attention_weight and attention_percentile
+    (colour by them in QuPath); the --top-k highest are classified "Top attention". Drag the file
+    onto the slide in QuPath to see the tiles in place.
+
+    Example:
+        smcli geojson scores/slide_01.csv -o slide_01.geojson --top-k 20 --min-percentile 50
+    """
+    from smcli.bags import BagKeys
+    from smcli.geojson import GeoJsonRequest, run_geojson
+
+    failed = False
+    try:
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
+        request = GeoJsonRequest(
+            inputs,
+            output,
+            model,
+            top_k,
+            min_percentile,
+            "detection" if detection else "tile",
+            patch_size,
+            dist_thr,
+            BagKeys(features_key, coords_key, labels_key),
+        )
+        for result in run_geojson(request):
+            if result.error:
+                failed = True
+                _stderr(f"error: {result.error}")
+            else:
+                _stderr(f"smcli: wrote {result.written} ({result.n_features} tiles)")
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    raise typer.Exit(code=1 if failed else 0)
+
+
 def _check_positive(**values: float | None) -> None:
     """UsageError for a given --patch-size / --dist-thr that is not a positive number."""
     from smcli.errors import UsageError

@@ -27,7 +27,7 @@ import numpy as np
 
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
-from smcli.scored import BagValues, Failed, ValuesRequest, count_inputs, iter_values
+from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, prepare_output
 
 NORMS = ("raw", "minmax", "rank", "log")
 DEFAULT_CMAP = "inferno"
@@ -426,7 +426,6 @@ def run_heatmap(request: HeatmapRequest) -> Iterator[HeatmapResult]:
     a bag that cannot be read or drawn (its slide included) yields a result with `error`, and the
     others go on."""
     check_request(request)
-    single = request.output.suffix.lower() == ".png"
     values_request = ValuesRequest(
         request.inputs,
         request.model,
@@ -434,18 +433,10 @@ def run_heatmap(request: HeatmapRequest) -> Iterator[HeatmapResult]:
         request.patch_size,
         request.dist_thr,
         request.keys,
-        max_bags_per_table=1 if single else None,
         output=request.output,
+        single_suffix=".png",
     )
-    tables, bag_paths = count_inputs(values_request)
-    if single and len(tables) + len(bag_paths) > 1:
-        raise UsageError(f"{request.output}: one .png holds one bag; give a directory for several inputs")
-    folder = request.output.parent if single else request.output
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"{folder}: cannot create output directory ({err.strerror})") from None
-
+    prepare_output(values_request)
     for item in iter_values(values_request):
         if isinstance(item, Failed):
             yield HeatmapResult(item.source, error=item.error)

@@ -206,8 +206,8 @@ class ValuesRequest:
     patch_size: float | None = None
     dist_thr: float | None = None
     keys: BagKeys = BagKeys()
-    max_bags_per_table: int | None = None  # e.g. 1 when the output holds one bag
-    output: Path | None = None  # named in the error when a table holds more bags than that
+    output: Path | None = None  # where the per-bag files go (see prepare_output)
+    single_suffix: str = ".png"  # an output ending with this is one file, holding one bag
 
 
 @dataclass
@@ -238,6 +238,25 @@ def count_inputs(request: ValuesRequest) -> tuple[list[Path], list[Path]]:
     return tables, bag_paths
 
 
+def prepare_output(request: ValuesRequest) -> None:
+    """Check the inputs (see count_inputs) and create the output folder, before anything is read.
+
+    `request.output` names one file when it ends with `request.single_suffix` (then it holds one
+    bag), else a directory of per-bag files. UsageError when that cannot work.
+    """
+    output, suffix = request.output, request.single_suffix
+    assert output is not None and suffix
+    tables, bag_paths = count_inputs(request)
+    single = output.suffix.lower() == suffix
+    if single and len(tables) + len(bag_paths) > 1:
+        raise UsageError(f"{output}: one {suffix} holds one bag; give a directory for several inputs")
+    folder = output.parent if single else output
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{folder}: cannot create output directory ({err.strerror})") from None
+
+
 def iter_values(request: ValuesRequest) -> Iterator[BagValues | Failed]:
     """Every bag of every input, as BagValues, or Failed for an input that cannot be used.
 
@@ -258,10 +277,12 @@ def iter_values(request: ValuesRequest) -> Iterator[BagValues | Failed]:
         except BagError as err:
             yield Failed(table, str(err))
             continue
-        limit = request.max_bags_per_table
-        if limit is not None and len(found) > limit:
+        output = request.output
+        single = output is not None and output.suffix.lower() == request.single_suffix
+        if single and len(found) > 1:
             raise UsageError(
-                f"{table}: holds {len(found)} bags, {request.output} holds one; give a directory as -o"
+                f"{table}: holds {len(found)} bags, one {request.single_suffix} holds one; "
+                "give a directory as -o"
             )
         yield from found
     options = ScoreOptions(request.keys, request.patch_size, request.dist_thr, "cpu")
