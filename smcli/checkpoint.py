@@ -7,7 +7,8 @@ Metadata key `smcli_config` holds JSON:
      "smcli_version": str, "training": {...optional recipe},
      "assumed": ["sm_mode=approx", ...]  (settings `convert` took from torchmil defaults; optional)}
 Scoring loads only safetensors (no pickle is ever executed), into numpy: no torch import.
-Checkpoints are made by `smcli.convert` (from torchmil training files) and `smcli.export` (from a live torchmil model).
+Checkpoints are made by `smcli.convert` (from torchmil training files) and `smcli.export` (from a
+live torchmil model).
 """
 
 from __future__ import annotations
