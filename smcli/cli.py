@@ -150,29 +150,52 @@ def _expand_stdin(inputs: list[Path]) -> list[Path]:
 
 @app.command()
 def convert(
-    state_dict: Annotated[Path, typer.Argument(help="torchmil state dict saved with torch.save (.pt).")],
+    state_dict: Annotated[
+        Path,
+        typer.Argument(
+            help="torchmil training file (.pt/.ckpt): state dict, wrapped or prefixed, or Lightning."
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
-    act: Annotated[
-        str | None, typer.Option(help="tanh, relu or gelu (default: the torchmil class's).")
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="JSON file of torchmil constructor and graph settings."),
     ] = None,
-    sm_mode: Annotated[str, typer.Option(help="approx or exact.")] = "approx",
+    act: Annotated[str | None, typer.Option(help="tanh, relu or gelu.")] = None,
+    sm_mode: Annotated[str | None, typer.Option(help="approx or exact.")] = None,
     sm_alpha: Annotated[str | None, typer.Option(help="'trainable' or a float in [0, 1).")] = None,
-    sm_steps: Annotated[int, typer.Option(help="Approx Sm steps.")] = 10,
-    sm_where: Annotated[str, typer.Option(help="early, mid, late or none.")] = "early",
+    sm_steps: Annotated[int | None, typer.Option(help="Approx Sm steps.")] = None,
+    sm_where: Annotated[str | None, typer.Option(help="early, mid, late or none.")] = None,
     patch_size: PatchSizeOption = None,
-    dist_thr: Annotated[float, typer.Option("--dist-thr", help="Neighbour distance in patch steps.")] = 2
-    ** 0.5,
+    dist_thr: Annotated[
+        float | None, typer.Option("--dist-thr", help="Neighbour distance in patch steps.")
+    ] = None,
+    normalize: Annotated[
+        bool | None,
+        typer.Option("--normalize/--no-normalize", help="Normalized adjacency (torchmil norm_adj)."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Edge weights: binary or feature_distance (torchmil adj_with_dist)."),
+    ] = None,
+    origin: Annotated[
+        str | None,
+        typer.Option(help="Grid origin: min (CAMELYON16/PANDA datasets) or zero (TRIDENT)."),
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse to assume any torchmil default.")] = False,
 ) -> None:
-    """Turn a torchmil SmAttentionPool/SmABMIL state dict into an smcli checkpoint.
+    """Turn a torchmil SmAttentionPool/SmABMIL training file into an smcli checkpoint.
 
-    in_dim, att_dim, spectral_norm and the head are read off the tensors; the .pt is read with
-    torch.load(weights_only=True), so a pickle that tries to run code is refused.
+    in_dim, att_dim, spectral norm, trainable alpha and the head are read off the tensors; every
+    other setting comes from a flag, else --config, else the file's hyper_parameters, else
+    torchmil's default, which is then named on one `note:` line (an error with --strict). The file
+    is read with torch.load(weights_only=True): a pickle that tries to run code is refused.
 
     Example:
-        smcli convert smabmil.pt -o model.safetensors --sm-alpha trainable --sm-where early
+        smcli convert smabmil.pt -o model.safetensors --config train_config.json --strict
     """
-    from smcli.checkpoint import ConvertOptions
-    from smcli.checkpoint import convert as convert_checkpoint
+    from smcli.convert import ConvertOptions
+    from smcli.convert import convert as convert_checkpoint
     from smcli.errors import UsageError
 
     try:
@@ -180,17 +203,30 @@ def convert(
         for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
             if value is not None and not value > 0:
                 raise UsageError(f"{name} must be positive, got {value}")
-        options = ConvertOptions(act, sm_mode, alpha, sm_steps, sm_where, patch_size, dist_thr)
+        options = ConvertOptions(
+            act,
+            sm_mode,
+            alpha,
+            sm_steps,
+            sm_where,
+            patch_size,
+            dist_thr,
+            normalize,
+            weights,
+            origin,
+            config,
+            strict,
+        )
         result = convert_checkpoint(state_dict, output, options)
     except SmcliError as err:
         raise _exit_on(err) from None
-    for note in result.notes:
-        _stderr(f"note: {note}")
+    if result.assumed:
+        _stderr(f"note: {state_dict}: assumed torchmil defaults {', '.join(result.assumed)}")
     pool = result.config.pool
     _stderr(
-        f"smcli: wrote {output} ({'SmABMIL' if result.config.head else 'SmAttentionPool'}, "
-        f"in_dim {pool.in_dim}, att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, "
-        f"alpha {pool.sm_alpha})"
+        f"smcli: wrote {output} from a {result.found} "
+        f"({'SmABMIL' if result.config.head else 'SmAttentionPool'}, in_dim {pool.in_dim}, "
+        f"att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, alpha {pool.sm_alpha})"
     )
 
 
@@ -298,6 +334,8 @@ def _inspect_lines(info: dict) -> list[str]:
             ("sha256", info["sha256"]),
             ("tensors", tensors),
         ]
+        if info["config"].get("assumed"):  # settings `convert` took from torchmil defaults
+            rows.insert(3, ("assumed", ", ".join(info["config"]["assumed"])))
     else:
         low, high = info["coords_min"], info["coords_max"]
         span = f"x {low[0]}..{high[0]}, y {low[1]}..{high[1]}"

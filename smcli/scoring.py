@@ -17,9 +17,9 @@ from smcli.errors import BagError, SmcliError, UsageError
 from smcli.graph import (
     Adjacency,
     GraphError,
-    build_adjacency,
+    build_adjacency_with,
     duplicate_cells,
-    grid_cells,
+    grid_cells_with_origin,
     infer_patch_step,
 )
 
@@ -162,12 +162,24 @@ def prepare_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptio
         )
     geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
     dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
+    graph = model.config.graph
     try:
-        cells = grid_cells(bag.coords, geometry.patch_step)
-        adjacency = build_adjacency(cells, dist_thr)
+        cells = grid_cells_with_origin(bag.coords, geometry.patch_step, graph.origin)
+        features = features_array(bag.features) if graph.weights == "feature_distance" else None
+        adjacency = build_adjacency_with(cells, dist_thr, graph, features)
     except GraphError as err:
         raise BagError(f"{bag.path}: {err}") from None
     return PreparedBag(bag, geometry, dist_thr, cells, adjacency, time.perf_counter() - started)
+
+
+def features_array(features) -> np.ndarray:
+    """Bag features (N, D) as a numpy array (a CPU torch tensor is viewed, bfloat16 widened)."""
+    if isinstance(features, np.ndarray):
+        return features
+    tensor = features.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def score_bag(
