@@ -280,8 +280,9 @@ def test_exact_on_an_unnormalized_adjacency_matches_torchmils_dense_solve(featur
     oracle.load_state_dict(state)
     adjacency = binary_adjacency(coords)
     X = features["tricky"]
+    dense = torch.from_numpy(adjacency.toarray()).float()
     with torch.no_grad():
-        bag_logit, logits = oracle(X[None], torch.from_numpy(adjacency.toarray()).float()[None], return_att=True)
+        bag_logit, logits = oracle(X[None], dense[None], return_att=True)
     ours = smcli_model("exact", where, False, alpha, "gelu", True).to(backend)
     ours.load_state_dict(oracle.state_dict())
     result = ours.attention(X.numpy(), adjacency)
