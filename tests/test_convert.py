@@ -190,6 +190,10 @@ def test_flags_override_config_which_overrides_hyper_parameters(tmp_path, lightn
     result = convert(path, tmp_path / "m.safetensors", ConvertOptions(act="gelu", config=config))
     pool = result.config.pool
     assert (pool.act, pool.sm_steps, pool.sm_mode) == ("gelu", 6, "exact")
+    assert result.notes == [
+        f"--act gelu overrides config {config}: act tanh, hyper_parameters: act relu",
+        f"config {config}: sm_steps 6 overrides hyper_parameters: sm_steps 4",
+    ]
 
 
 def test_graph_flags_and_config_reach_the_checkpoint(tmp_path):
@@ -402,8 +406,18 @@ def test_convert_never_runs_a_malicious_pickle(tmp_path, wrap):
 
 # --- property: any wrapper x prefixes x where the settings come from ---------------------------
 
-SETTING_VALUES = {"act": "relu", "sm_mode": "exact", "sm_where": "late", "dist_thr": 2.0, "origin": "zero"}
-TORCHMIL_NAMES = {"act": "att_act"}  # how a training config may spell them
+SETTING_VALUES = {
+    "act": "relu",
+    "sm_mode": "exact",
+    "sm_where": "late",
+    "dist_thr": 2.0,
+    "origin": "zero",
+    "weights": "feature_distance",
+}
+TORCHMIL_NAMES = {
+    "act": ("att_act", "relu"),
+    "weights": ("adj_with_dist", True),
+}  # a training config's spelling
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -424,11 +438,11 @@ def test_any_wrapper_prefix_and_settings_source_converts_the_same(
     if wrapper == "lightning" and "hparams" not in placement.values():
         wrapper = "state_dict"
     flags = {k: v for k, v in SETTING_VALUES.items() if placement[k] == "flag"}
-    in_config = {
-        TORCHMIL_NAMES.get(k, k) if torchmil_spelling else k: v
+    in_config = dict(
+        TORCHMIL_NAMES.get(k, (k, v)) if torchmil_spelling else (k, v)
         for k, v in SETTING_VALUES.items()
         if placement[k] == "config"
-    }
+    )
     hparams = {k: v for k, v in SETTING_VALUES.items() if placement[k] == "hparams"}
     if wrapper == "bare":
         document: dict = state
@@ -458,6 +472,7 @@ def test_any_wrapper_prefix_and_settings_source_converts_the_same(
         "sm_where": pool.sm_where,
         "dist_thr": result.config.dist_thr,
         "origin": graph.origin,
+        "weights": graph.weights,
     }
     for name in SETTING_VALUES:
         if name in stated:
