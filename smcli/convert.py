@@ -63,6 +63,9 @@ SETTINGS = (
 )
 # names people use for them (torchmil's constructor and dataset arguments) -> smcli's name
 ALIASES = {"att_act": "act", "norm_adj": "normalize", "adj_with_dist": "weights", "in_shape": "in_dim"}
+# hyper_parameters are read by torchmil's names only: a training script's own `weights` or
+# `origin` could mean anything (class weights, ...), torchmil's names mean what torchmil does
+SMCLI_ONLY = ("normalize", "weights", "origin")
 
 
 FLAGS = "flags"
@@ -214,12 +217,13 @@ def _check_value(name: str, value: Any) -> Any:
 def settings_from(document: dict, *, unknown_is_error: bool) -> dict[str, Any]:
     """smcli settings from torchmil-style names (aliases resolved, values checked).
 
-    Raises ValueError naming the key for a bad value, or for an unknown key if unknown_is_error.
+    unknown_is_error: a --config file (any other key is an error); else hyper_parameters, read
+    by torchmil's names only, other keys ignored. Raises ValueError naming the key.
     """
     settings: dict[str, Any] = {}
     for key, value in document.items():
         name = ALIASES.get(key, key)
-        if name not in SETTINGS:
+        if name not in SETTINGS or (not unknown_is_error and key in SMCLI_ONLY):
             if unknown_is_error:
                 raise ValueError(
                     f"unknown key {key!r} (known: {', '.join(sorted(SETTINGS + tuple(ALIASES)))})"

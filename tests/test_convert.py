@@ -168,12 +168,13 @@ def test_lightning_checkpoint_takes_settings_from_hyper_parameters(
     hyper = lightning_attribute_dict(
         in_shape=(IN_DIM,), att_act="relu", sm_mode="exact", sm_where="late", sm_alpha="trainable", lr=1e-4
     )
-    hyper.update(norm_adj=True, adj_with_dist=False, dist_thr=1.5, patch_size=PATCH, origin="min")
+    hyper.update(norm_adj=True, adj_with_dist=False, dist_thr=1.5, patch_size=PATCH, weights=[1, 3])
     path = tmp_path / "epoch=3.ckpt"
     torch.save(lightning_checkpoint(oracle, hyper), path)
     result = convert(path, tmp_path / "m.safetensors", ConvertOptions())
     assert result.found == "Lightning checkpoint, prefix model. removed"
-    assert result.assumed == ()  # exact mode: sm_steps plays no part
+    # exact mode: sm_steps plays no part; torchmil has no name for the origin; `weights` is ignored
+    assert result.assumed == ("origin=min",)
     pool = result.config.pool
     assert (pool.act, pool.sm_mode, pool.sm_where, result.config.dist_thr) == ("relu", "exact", "late", 1.5)
     assert_scores_like(tmp_path / "m.safetensors", oracle, bag_file, "exact")
@@ -425,7 +426,10 @@ TORCHMIL_NAMES = {
     wrapper=st.sampled_from(["bare", "state_dict", "model", "model_state_dict", "lightning"]),
     prefixes=st.lists(st.sampled_from(["model.", "module.", "_orig_mod."]), max_size=3),
     placement=st.fixed_dictionaries(
-        {name: st.sampled_from(["flag", "config", "hparams", "absent"]) for name in SETTING_VALUES}
+        {
+            name: st.sampled_from(["flag", "config", "absent"] + ([] if name == "origin" else ["hparams"]))
+            for name in SETTING_VALUES
+        }
     ),
     torchmil_spelling=st.booleans(),
 )
@@ -443,15 +447,15 @@ def test_any_wrapper_prefix_and_settings_source_converts_the_same(
         for k, v in SETTING_VALUES.items()
         if placement[k] == "config"
     )
-    hparams = {k: v for k, v in SETTING_VALUES.items() if placement[k] == "hparams"}
+    # hyper_parameters count only under torchmil's names (origin has none)
+    hparams = dict(
+        TORCHMIL_NAMES.get(k, (k, v)) for k, v in SETTING_VALUES.items() if placement[k] == "hparams"
+    )
     if wrapper == "bare":
         document: dict = state
     elif wrapper == "lightning":
-        document = {
-            "state_dict": state,
-            "hyper_parameters": lightning_attribute_dict(hparams, lr=0.01),
-            "epoch": 1,
-        }
+        hparams.update(lr=0.01, weights=[0.3, 0.7], origin="imagenet")  # the script's own: ignored
+        document = {"state_dict": state, "hyper_parameters": lightning_attribute_dict(hparams), "epoch": 1}
     else:
         document = {wrapper: state, "epoch": 1, "hyper_parameters": hparams}
     path = tmp_path / "m.pt"
