@@ -298,7 +298,7 @@ def tensor_facts(state: dict, path: Path) -> tuple[dict, TensorFacts]:
         "proj2.parametrizations.weight.original" in pool_state,
     )
     weight1 = pool_state.get("proj1.parametrizations.weight.original", pool_state.get("proj1.weight"))
-    if weight1 is None or weight1.dim() != 2:
+    if weight1 is None or weight1.ndim != 2:
         keys = ", ".join(sorted(state)[:5])
         raise _fail(path, f"no proj1 weight: not a torchmil SmAttentionPool or SmABMIL state dict ({keys})")
     att_dim, in_dim = (int(s) for s in weight1.shape)

@@ -12,8 +12,10 @@ by default) is normalized to [0, 1] (`--norm`) and coloured with a matplotlib co
   pixels. `--top-patches K` also cuts the K highest-attention patches at level 0 and lays them out
   on a contact sheet.
 
-The map is placed in the figure pixel for pixel (`Figure.figimage`, no resampling), next to a
-colour bar with ticks in the --norm's scale and under a title with the bag id and probability.
+matplotlib lays out the figure: a colour bar with ticks in the --norm's scale, a title with the bag
+id and probability, a legend. The map itself is pasted into the rendered frame pixel for pixel (no
+resampling) and the PNG is encoded once with Pillow: measured on a 2000 px slide overlay,
+`figimage` + `savefig` took 3.3 s where drawing the frame and pasting takes ~0.3 s (2 busy cores).
 matplotlib is an optional dependency (`pip install 'smcli[plot]'`), imported only in here.
 """
 
@@ -162,11 +164,21 @@ def outline_mask(cells: np.ndarray, labels: np.ndarray, nx: int, ny: int, cell: 
 
 @dataclass
 class Picture:
-    """A figure ready to save, and where its map's top-left pixel lands in the PNG (left, top)."""
+    """A figure frame and its map: `render()` pastes the map at map_origin (left, top) into the frame."""
 
     figure: object
     map_origin: tuple[int, int]
     map_pixels: np.ndarray  # (H, W, 3) uint8 exactly as placed
+
+    def render(self) -> np.ndarray:
+        """(height, width, 3) uint8: the frame as matplotlib draws it, the map pasted in place."""
+        canvas = self.figure.canvas  # type: ignore[attr-defined]
+        canvas.draw()
+        frame = np.asarray(canvas.buffer_rgba())[..., :3].copy()  # (height, width, 3)
+        left, top = self.map_origin
+        height, width = self.map_pixels.shape[:2]
+        frame[top : top + height, left : left + width] = self.map_pixels
+        return frame
 
 
 def _finite(bag: BagValues) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -231,8 +243,6 @@ def compose(
     height = TITLE_H + bar_h + LEGEND_H + PAD
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
     FigureCanvasAgg(figure)
-    # figimage counts from the bottom-left corner; origin="upper" keeps row 0 at the top
-    figure.figimage(pixels, xo=PAD, yo=height - TITLE_H - map_h, origin="upper", resize=False)
     figure.text(PAD / width, 1 - 10 / height, title, fontsize=12, va="top", ha="left")
     figure.text(PAD / width, 1 - 32 / height, subtitle, fontsize=9, va="top", ha="left", color="0.25")
 
@@ -317,7 +327,7 @@ def contact_sheet(crops: list[np.ndarray], captions: list[str], title: str):
     for ax in axes.ravel():
         ax.set_axis_off()
     for ax, crop, caption in zip(axes.ravel(), crops, captions, strict=False):
-        ax.imshow(crop, interpolation="nearest")
+        ax.imshow(crop, interpolation="antialiased")  # a 512 px crop shown at ~170 px
         ax.set_title(caption, fontsize=8)
     figure.suptitle(title, fontsize=11)
     return figure
@@ -379,7 +389,7 @@ def save_figure(figure, path: Path) -> None:
 
 
 def save_rgb(pixels: np.ndarray, path: Path) -> None:
-    """(H, W, 3) uint8 as a PNG of exactly those pixels, atomically."""
+    """(H, W, 3) uint8 as a PNG of exactly those pixels, atomically (Pillow)."""
     from PIL import Image
 
     from smcli.writers import atomic_path
@@ -456,7 +466,7 @@ def draw_bag(bag: BagValues, request: HeatmapRequest, result: HeatmapResult) -> 
         if request.labels and bag.labels is None:
             result.warnings.append(f"{bag.source}: {bag.bag_id}: no labels to outline")
         picture = render_grid(bag, request.norm, request.labels, request.cmap)
-        save_figure(picture.figure, path)
+        save_rgb(picture.render(), path)
         result.written = path
         return
     from smcli.slide import find_slide, read_thumbnail
@@ -466,7 +476,7 @@ def draw_bag(bag: BagValues, request: HeatmapRequest, result: HeatmapResult) -> 
     slide_path = find_slide(request.slide, bag.bag_id)
     thumbnail = read_thumbnail(slide_path, request.max_side)
     picture = render_overlay(bag, thumbnail, request.norm, request.cmap, request.alpha)
-    save_figure(picture.figure, path)
+    save_rgb(picture.render(), path)
     result.written = path
     if request.top_patches:
         result.top = write_top_patches(bag, slide_path, path.with_suffix(""), request.top_patches)

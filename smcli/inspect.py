@@ -17,22 +17,8 @@ from smcli.checkpoint import CONFIG_KEY, LoadedModel, load_model
 from smcli.errors import BagError
 from smcli.graph import DEFAULT_DIST_THR, GraphError, build_adjacency, grid_cells_with_origin
 from smcli.h5bags import COORDS_UNITS
+from smcli.tensorfile import SAFETENSORS_DTYPES, read_metadata
 
-SAFETENSORS_DTYPES = {  # header names -> the numpy/torch names h5 datasets show
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "U16": "uint16",
-    "I16": "int16",
-    "U32": "uint32",
-    "I32": "int32",
-    "U64": "uint64",
-    "I64": "int64",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-}
 STEP_ORIGINS = {
     "flag": "--patch-size",
     "inferred": "smallest step between the coords",
@@ -58,11 +44,8 @@ def _checkpoint_metadata(path: Path) -> dict[str, str] | None:
     """The safetensors metadata if the file is an smcli checkpoint, else None (no tensor read)."""
     if not path.is_file() or is_hdf5(path):
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = read_metadata(path)
     except Exception:  # not safetensors: the bag reader says what it is
         return None
     return metadata if CONFIG_KEY in metadata else None
@@ -128,7 +111,7 @@ def bag_info(
         "tensors": list_tensors(path),
         "n_instances": bag.n_instances,
         "feature_dim": int(bag.features.shape[1]),
-        "features_dtype": str(bag.features.dtype).replace("torch.", ""),
+        "features_dtype": bag.features_dtype,
         "coords_dtype": str(bag.coords.dtype),
         "coords_units": units,
         "coords_min": [_number(v) for v in bag.coords.min(axis=0)],
@@ -164,7 +147,7 @@ def list_tensors(path: Path) -> list[dict[str, Any]]:
             ]
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(path), framework="numpy") as handle:
         rows = []
         for name in sorted(handle.keys()):
             piece = handle.get_slice(name)

@@ -163,13 +163,17 @@ def paint(
         )
     most_w, most_h = int(box_w.max()), int(box_h.max())
     if most_w * most_h <= coords.shape[0]:
-        # the usual case: a few dozen offsets, each one vectorized over all patches
+        # the usual case: a few dozen offsets, each one vectorized over all patches; offsets inside
+        # every box (the smallest box) need no mask, the fringe of larger boxes does
+        least_w, least_h = int(box_w.min()), int(box_h.min())
+        base = y0 * width + x0  # (N,) flat index of each box's corner
         for dy in range(most_h):
-            rows = dy < box_h
             for dx in range(most_w):
-                chosen = rows & (dx < box_w)
-                flat = (y0[chosen] + dy) * width + (x0[chosen] + dx)  # (n_chosen,)
-                np.maximum.at(canvas, flat, values[chosen])
+                if dy < least_h and dx < least_w:
+                    np.maximum.at(canvas, base + (dy * width + dx), values)
+                    continue
+                chosen = (dy < box_h) & (dx < box_w)
+                np.maximum.at(canvas, base[chosen] + (dy * width + dx), values[chosen])
     else:
         # few patches, large footprints: one slice per patch, each vectorized over its pixels
         grid = canvas.reshape(height, width)
@@ -180,16 +184,23 @@ def paint(
 
 
 def blend(pixels: np.ndarray, canvas: np.ndarray, lut: np.ndarray, alpha: float) -> np.ndarray:
-    """(H, W, 3) uint8: where canvas >= 0, (1 - alpha) * slide + alpha * lut colour; elsewhere the slide.
+    """(H, W, 3) uint8: rint((1 - alpha) * slide + alpha * lut colour) where canvas >= 0, else the slide.
 
     pixels: (H, W, 3) uint8; canvas: (H, W) from `paint`; lut: (L, 3) uint8 colours for t = 0..1.
+    Every (slide value, colour level) pair is mixed once into a (256, L + 1) table per channel, the
+    extra column meaning "no patch: keep the slide", so the frame is one gather per channel.
     """
-    out = pixels.copy()
-    covered = canvas >= 0  # (H, W)
-    levels = lut.shape[0] - 1
-    colours = lut[np.rint(canvas[covered] * levels).astype(np.intp)].astype(np.float32)  # (n, 3)
-    mixed = (1.0 - alpha) * pixels[covered].astype(np.float32) + alpha * colours
-    out[covered] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    levels = lut.shape[0]
+    code = np.where(canvas >= 0, np.rint(canvas * (levels - 1)), levels).astype(np.intp)  # (H, W)
+    slide_values = np.arange(256, dtype=np.float64)[:, None]  # (256, 1)
+    out = np.empty_like(pixels)
+    for channel in range(3):
+        table = np.empty((256, levels + 1), dtype=np.uint8)
+        mixed = (1.0 - alpha) * slide_values + alpha * lut[None, :, channel].astype(np.float64)
+        table[:, :levels] = np.clip(np.rint(mixed), 0, 255)
+        table[:, levels] = np.arange(256)
+        flat = pixels[..., channel].astype(np.intp) * (levels + 1) + code  # (H, W)
+        out[..., channel] = table.reshape(-1)[flat]
     return out
 
 
