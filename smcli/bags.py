@@ -12,15 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from smcli.errors import BagError
-
-if TYPE_CHECKING:
-    from torch import Tensor
 from smcli.graph import infer_patch_step
+from smcli.tensorfile import Unreadable
 
 FEATURE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 BAG_SUFFIXES = (".safetensors", ".h5", ".hdf5")
@@ -40,7 +37,8 @@ class BagKeys:
 class Bag:
     """One slide's bag.
 
-    features: torch tensor (N, D) as stored (dtype preserved; the model converts per chunk).
+    features: numpy (N, D) as stored (float16/float32/float64 kept, the model converts per
+    chunk; bfloat16, which numpy lacks, decoded exactly to float32). features_dtype: as stored.
     coords: (N, 2) numpy array as stored.  labels: (N,) 0/1 numpy array, or None.
     patch_size: step from the file's metadata, or None.
     metadata: the file's string metadata, plus `format` (safetensors, trident, clam, stamp or h5)
@@ -49,11 +47,16 @@ class Bag:
 
     path: Path
     bag_id: str
-    features: Tensor
+    features: np.ndarray
     coords: np.ndarray
     patch_size: float | None = None
     labels: np.ndarray | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    features_dtype: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.features_dtype:
+            self.features_dtype = str(self.features.dtype)
 
     @property
     def n_instances(self) -> int:
@@ -96,11 +99,10 @@ def peek_bag_id(path: Path) -> str:
     """The bag id from the file's header alone (no tensor is read); the file stem if unreadable."""
     if is_hdf5(path):  # h5 bags carry no bag id: the stem, as for their own tools
         return path.stem
-    from safetensors import safe_open
+    from smcli.tensorfile import read_metadata
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("bag_id") or path.stem
+        return read_metadata(path).get("bag_id") or path.stem
     except Exception:  # the real read reports what is wrong with the file
         return path.stem
 
@@ -120,22 +122,13 @@ def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = Tr
 
 
 def _load_safetensors_bag(path: Path, keys: BagKeys, with_labels: bool) -> Bag:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+
+    from smcli.tensorfile import read_safetensors
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
-            metadata = dict(handle.metadata() or {})
-            for key in (keys.features, keys.coords):
-                if key not in names:
-                    raise _fail(
-                        path, f"no '{key}' tensor (keys present: {', '.join(sorted(names)) or 'none'})"
-                    )
-            features = handle.get_tensor(keys.features)
-            coords_tensor = handle.get_tensor(keys.coords)
-            labels_tensor = handle.get_tensor(keys.labels) if with_labels and keys.labels in names else None
-    except BagError:
-        raise
+        wanted = [keys.features, keys.coords] + ([keys.labels] if with_labels else [])
+        read = read_safetensors(path, wanted)
     except PermissionError:
         raise _fail(path, "permission denied") from None
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
@@ -143,22 +136,30 @@ def _load_safetensors_bag(path: Path, keys: BagKeys, with_labels: bool) -> Bag:
         raise _fail(
             path, f"not a safetensors bag or corrupt header ({detail[:120]}); not an HDF5 file either"
         ) from None
-
-    features, coords, labels = validate_tensors(path, features, coords_tensor, labels_tensor, keys)
+    names, metadata = read.names, read.metadata
+    for key in (keys.features, keys.coords):
+        if key not in names:
+            raise _fail(path, f"no '{key}' tensor (keys present: {', '.join(sorted(names)) or 'none'})")
+    features, coords, labels = validate_tensors(
+        path, read.tensors[keys.features], read.tensors[keys.coords], read.tensors.get(keys.labels), keys
+    )
     patch_size = None
     metadata["format"] = "safetensors"
     if "patch_size" in metadata:
         patch_size = parse_patch_size(path, metadata["patch_size"], "metadata patch_size")
         metadata["patch_size_source"] = "metadata['patch_size']"
     bag_id = metadata.get("bag_id") or path.stem
-    return Bag(path, bag_id, features, coords, patch_size, labels, metadata)
+    return Bag(
+        path, bag_id, features, coords, patch_size, labels, metadata, read.stored_dtypes[keys.features]
+    )
 
 
 def validate_tensors(path: Path, features, coords, labels, keys: BagKeys):
     """The checks every reader ends in: dtypes, shapes, finiteness, row counts, 0/1 labels.
 
-    features: torch (N, D) or (1, N, D); coords: torch (N, 2) or (1, N, 2); labels: torch (N,) or None.
-    Returns (features (N, D) torch, coords (N, 2) numpy, labels (N,) int8 numpy or None).
+    features: numpy (N, D) or (1, N, D); coords: (N, 2) or (1, N, 2); labels: (N,) or None; any of
+    them may be an `Unreadable` (a dtype numpy cannot hold).
+    Returns (features (N, D), coords (N, 2), labels (N,) int8 or None), all numpy.
     Error messages use the names in `keys` (the names inside the file).
     """
     features = _check_features(path, features, keys.features)
@@ -185,23 +186,19 @@ def parse_patch_size(path: Path, value, where: str) -> float:
     return patch_size
 
 
-def _check_features(path: Path, features, name: str):
-    import torch
-
-    if str(features.dtype).replace("torch.", "") not in FEATURE_DTYPES:
+def _check_features(path: Path, features, name: str) -> np.ndarray:
+    if _dtype_name(features) not in FEATURE_DTYPES:
         raise _fail(
-            path,
-            f"{name} has dtype {str(features.dtype).replace('torch.', '')}; "
-            f"expected one of {', '.join(FEATURE_DTYPES)}",
+            path, f"{name} has dtype {_dtype_name(features)}; expected one of {', '.join(FEATURE_DTYPES)}"
         )
-    if features.dim() == 3 and features.shape[0] == 1:
+    if features.ndim == 3 and features.shape[0] == 1:
         features = features[0]
-    if features.dim() != 2:
+    if features.ndim != 2:
         raise _fail(path, f"{name} must be 2-D (N, D) or (1, N, D), got shape {tuple(features.shape)}")
     bad_rows = 0
-    for start in range(0, features.shape[0], 16384):
+    for start in range(0, features.shape[0], 16384):  # bounded temporaries
         chunk = features[start : start + 16384]
-        bad_rows += int((~torch.isfinite(chunk).all(dim=1)).sum())
+        bad_rows += int((~np.isfinite(chunk).all(axis=1)).sum())
     if bad_rows:
         raise _fail(
             path, f"{name} has non-finite values (NaN or inf) in {bad_rows} of {features.shape[0]} rows"
@@ -210,28 +207,20 @@ def _check_features(path: Path, features, name: str):
 
 
 def _dtype_name(tensor) -> str:
-    return str(tensor.dtype).replace("torch.", "")
+    return str(tensor.dtype)
 
 
 def _numeric_array(tensor) -> np.ndarray | None:
-    """The tensor as a numpy integer/float array, or None for bool, complex, float8 and the like."""
-    import torch
-
-    if tensor.dtype == torch.bool or tensor.is_complex():
+    """The tensor as a numpy integer/float array (float16 widened), or None for bool, complex, float8."""
+    if isinstance(tensor, Unreadable) or tensor.dtype.kind not in "iuf":
         return None
-    if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.to(torch.float32)
-    try:
-        array = tensor.numpy()
-    except TypeError:  # dtypes numpy has no counterpart for (float8, uint16 on old numpy, ...)
-        return None
-    return array if array.dtype.kind in "iuf" else None
+    return tensor.astype(np.float32) if tensor.dtype == np.float16 else tensor
 
 
 def _check_coords(path: Path, coords, name: str) -> np.ndarray:
-    if coords.dim() == 3 and coords.shape[0] == 1:
+    if coords.ndim == 3 and coords.shape[0] == 1:
         coords = coords[0]
-    if coords.dim() != 2 or coords.shape[1] != 2:
+    if coords.ndim != 2 or coords.shape[1] != 2:
         raise _fail(path, f"{name} must have shape (N, 2), got {tuple(coords.shape)}")
     array = _numeric_array(coords)
     if array is None:
@@ -243,11 +232,8 @@ def _check_coords(path: Path, coords, name: str) -> np.ndarray:
 
 
 def _check_labels(path: Path, labels, name: str, n: int) -> np.ndarray:
-    import torch
-
-    array = None if labels.dtype == torch.bool else _numeric_array(labels)
-    if labels.dtype == torch.bool:
-        array = labels.numpy()
+    is_bool = not isinstance(labels, Unreadable) and labels.dtype == np.bool_
+    array = labels if is_bool else _numeric_array(labels)
     if array is None:
         raise _fail(path, f"{name} has dtype {_dtype_name(labels)}; expected 0/1 integers")
     array = array.reshape(-1)

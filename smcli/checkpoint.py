@@ -6,8 +6,9 @@ Metadata key `smcli_config` holds JSON:
      "weights": "binary" | "feature_distance", "origin": "min" | "zero"},
      "smcli_version": str, "training": {...optional recipe},
      "assumed": ["sm_mode=approx", ...]  (settings `convert` took from torchmil defaults; optional)}
-Scoring loads only safetensors (no pickle is ever executed). Checkpoints are made by
-`smcli.convert` (from torchmil training files) and `smcli.export` (from a live torchmil model).
+Scoring loads only safetensors (no pickle is ever executed), into numpy: no torch import.
+Checkpoints are made by `smcli.convert` (from torchmil training files) and `smcli.export` (from a
+live torchmil model).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from smcli.errors import ModelError
 from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, ORIGINS, GraphOptions
+from smcli.model import PoolConfig  # the model's constructor arguments; re-exported here
 
 CONFIG_KEY = "smcli_config"
 ACTS = ("tanh", "relu", "gelu")
@@ -30,20 +32,6 @@ SM_WHERE = ("early", "mid", "late", "none")
 Alpha = float | str
 # the layers torchmil wraps with spectral norm (proj1, proj2), per sm_where
 SPECTRAL_LAYERS = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": (False, False)}
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """SmAttentionPool constructor arguments (torchmil 1.0.2 names and defaults)."""
-
-    in_dim: int
-    att_dim: int = 128
-    act: str = "gelu"
-    sm_mode: str = "approx"
-    sm_alpha: Alpha = "trainable"
-    sm_steps: int = 10
-    sm_where: str = "early"
-    spectral_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,7 +62,7 @@ class ModelConfig:
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to score: its config, the torch module, and where it came from."""
+    """A checkpoint ready to score: its config, the model (smcli.model), and where it came from."""
 
     config: ModelConfig
     module: Any  # smcli.model.SmAttentionPool or SmABMIL
@@ -87,7 +75,7 @@ class LoadedModel:
 
     @property
     def n_parameters(self) -> int:
-        return sum(int(t.numel()) for t in self.module.state_dict().values())
+        return sum(int(t.size) for t in self.module.state_dict().values())
 
 
 def _fail(path: Path, message: str) -> ModelError:
@@ -208,13 +196,13 @@ def _positive_float(value: Any, name: str) -> float:
     return float(value)
 
 
-def build_module(config: ModelConfig):
-    """An smcli module with torchmil's state-dict layout for this config (eval mode)."""
+def build_module(config: ModelConfig, seed: int = 0):
+    """An smcli model with torchmil's state-dict layout for this config, weights drawn from `seed`."""
     from smcli.model import SmABMIL, SmAttentionPool
 
-    pool = SmAttentionPool(**asdict(config.pool))
+    pool = SmAttentionPool(config.pool, seed=seed)
     if config.head:
-        return SmABMIL(pool, config.pool.in_dim)
+        return SmABMIL(pool, config.pool.in_dim, seed=seed + 1)
     return pool
 
 
@@ -227,16 +215,17 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Read an smcli checkpoint (.safetensors) and build the module it describes."""
+    """Read an smcli checkpoint (.safetensors) and build the model it describes, on `device`."""
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such model file")
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+
+    from smcli.tensorfile import read_safetensors
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        read = read_safetensors(path)
+        metadata, tensors = read.metadata, read.tensors
     except PermissionError:
         raise _fail(path, "permission denied") from None
     except (SafetensorError, OSError, ValueError, RuntimeError):
@@ -255,9 +244,16 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(config, module.to(device), path, file_sha256(path))
 
 
+def _is_floating(tensor) -> bool:
+    """numpy or torch: a floating-point dtype (an Unreadable float8 is not one smcli can use)."""
+    if hasattr(tensor, "is_floating_point"):
+        return bool(tensor.is_floating_point())
+    return getattr(getattr(tensor, "dtype", None), "kind", "") == "f"
+
+
 def _load_state(module, tensors: dict, path: Path) -> None:
     result_problems = []
-    expected = module.state_dict()
+    expected = module.shapes()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -265,16 +261,15 @@ def _load_state(module, tensors: dict, path: Path) -> None:
     if unexpected:
         result_problems.append("unexpected " + ", ".join(unexpected))
     for key in sorted(set(expected) & set(tensors)):
-        if tuple(expected[key].shape) != tuple(tensors[key].shape):
+        if tuple(expected[key]) != tuple(tensors[key].shape):
             result_problems.append(
-                f"{key} has shape {tuple(tensors[key].shape)}, the config needs {tuple(expected[key].shape)}"
+                f"{key} has shape {tuple(tensors[key].shape)}, the config needs {tuple(expected[key])}"
             )
-        elif not tensors[key].is_floating_point():
+        elif not _is_floating(tensors[key]):
             result_problems.append(f"{key} has dtype {tensors[key].dtype}, expected floating point")
     if result_problems:
         raise _fail(path, "tensors do not fit the config: " + "; ".join(result_problems))
     module.load_state_dict(tensors, strict=True)
-    module.eval()
 
 
 def verify_state(module, tensors: dict, path: Path) -> None:
@@ -283,14 +278,14 @@ def verify_state(module, tensors: dict, path: Path) -> None:
 
 
 def save_checkpoint(tensors: dict, config: ModelConfig, out: Path) -> None:
-    """Write tensors + config as a safetensors checkpoint, atomically."""
-    from safetensors.torch import save_file
-
+    """Write tensors (numpy or torch; bfloat16 widened to float32) + config as a checkpoint, atomically."""
+    from smcli.model import to_numpy
+    from smcli.tensorfile import write_safetensors
     from smcli.writers import atomic_path
 
-    payload = {key: value.detach().contiguous().clone() for key, value in tensors.items()}
+    payload = {key: to_numpy(value) for key, value in tensors.items()}
     with atomic_path(out) as tmp:
-        save_file(payload, str(tmp), metadata={CONFIG_KEY: config.to_json()})
+        write_safetensors(tmp, payload, {CONFIG_KEY: config.to_json()})
 
 
 def with_training(config: ModelConfig, training: dict) -> ModelConfig:

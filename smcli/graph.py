@@ -12,8 +12,8 @@ without a KD-tree loop and without ever forming an N x N matrix:
 Graph options (`GraphOptions`, from the checkpoint) reproduce the other graphs torchmil's datasets
 build: `origin` "zero" skips step 1's min (TridentWSIDataset), `normalize` false skips step 3
 (norm_adj=False), `weights` "feature_distance" weights edges by the instance features
-(adj_with_dist=True). Only numpy is used here; `Adjacency.to_torch` makes the CSR tensor the model
-consumes.
+(adj_with_dist=True). Only numpy is used here; `Adjacency.to_scipy` makes the CSR matrix the model consumes
+(`to_torch` a torch sparse CSR tensor, for callers that want one).
 """
 
 from __future__ import annotations
@@ -68,6 +68,12 @@ class Adjacency:
     def rows(self) -> np.ndarray:
         """(nnz,) row index of every stored entry."""
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.crow))
+
+    def to_scipy(self):
+        """The matrix as a scipy.sparse CSR matrix (n, n), float64 values (what the model consumes)."""
+        import scipy.sparse
+
+        return scipy.sparse.csr_matrix((self.weight, self.col, self.crow), shape=(self.n, self.n))
 
     def to_torch(self, dtype, device="cpu"):
         """The matrix as a torch sparse CSR tensor of shape (n, n)."""

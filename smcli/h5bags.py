@@ -80,12 +80,12 @@ def load_h5_bag(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True)
         raise _fail(path, f"not a readable HDF5 bag ({detail[:120]})") from None
 
     names_used = BagKeys(features_name, coords_name, keys.labels)
-    tensors = (
-        _to_torch(path, features, features_name),
-        _to_torch(path, coords, coords_name),
-        None if labels is None else _to_torch(path, labels, keys.labels),
+    arrays = (
+        _numeric(path, features, features_name),
+        _numeric(path, coords, coords_name),
+        None if labels is None else _numeric(path, labels, keys.labels),
     )
-    features_t, coords_np, labels_np = validate_tensors(path, *tensors, names_used)
+    features_np, coords_np, labels_np = validate_tensors(path, *arrays, names_used)
 
     fmt = detect_format(features_name, coords_name, root_attrs, coords_attrs)
     metadata = {"format": fmt}
@@ -97,7 +97,7 @@ def load_h5_bag(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True)
         where, value = found
         patch_size = parse_patch_size(path, _attr_value(value), where)
         metadata["patch_size_source"] = where
-    return Bag(path, path.stem, features_t, coords_np, patch_size, labels_np, metadata)
+    return Bag(path, path.stem, features_np, coords_np, patch_size, labels_np, metadata)
 
 
 def detect_format(features_name: str, coords_name: str, root_attrs: dict, coords_attrs: dict) -> str:
@@ -148,16 +148,11 @@ def _read(dataset) -> np.ndarray:
     return array
 
 
-def _to_torch(path: Path, array: np.ndarray, name: str):
-    """numpy -> torch without a copy; dtypes torch has no tensor for (strings, records) are errors."""
-    import torch
-
+def _numeric(path: Path, array: np.ndarray, name: str) -> np.ndarray:
+    """A contiguous numeric array; strings, records and the like are errors."""
     if array.dtype.kind not in "biuf":
         raise _fail(path, f"{name} has dtype {array.dtype}; expected numbers")
-    try:
-        return torch.from_numpy(np.ascontiguousarray(array))
-    except TypeError:
-        raise _fail(path, f"{name} has dtype {array.dtype}; expected numbers") from None
+    return np.ascontiguousarray(array)
 
 
 def _attr_value(value):
@@ -179,15 +174,14 @@ OWN_METADATA = ("format", "patch_size_source")  # what the readers add; not the 
 def convert_to_safetensors(path: Path, out: Path, keys: BagKeys = BagKeys(), overwrite: bool = False) -> Bag:
     """`smcli convert-bag`: any readable bag -> a safetensors bag, written atomically.
 
-    Tensors `features` (N, D) as stored, `coords` (N, 2) as stored, `labels` (N,) uint8 when present;
+    Tensors `features` (N, D) as stored (bfloat16, which numpy cannot write, as float32: the same
+    values), `coords` (N, 2) as stored, `labels` (N,) uint8 when present;
     string metadata `bag_id`, `source_format`, `coords_units` and `patch_size` (when the source
     knows its step), plus the string metadata of a safetensors source.
     """
-    import torch
-    from safetensors.torch import save_file
-
     from smcli.bags import load_bag
     from smcli.errors import OutputError, UsageError
+    from smcli.tensorfile import write_safetensors
     from smcli.writers import atomic_path
 
     out = Path(out)
@@ -206,15 +200,12 @@ def convert_to_safetensors(path: Path, out: Path, keys: BagKeys = BagKeys(), ove
         metadata.setdefault("coords_units", COORDS_UNITS[fmt])
     if bag.patch_size is not None:
         metadata["patch_size"] = str(float(bag.patch_size))
-    tensors = {
-        "features": bag.features.contiguous(),
-        "coords": torch.from_numpy(np.ascontiguousarray(bag.coords)),
-    }
+    tensors = {"features": bag.features, "coords": bag.coords}
     if bag.labels is not None:
-        tensors["labels"] = torch.from_numpy(bag.labels.astype(np.uint8))
+        tensors["labels"] = bag.labels.astype(np.uint8)
     try:
         with atomic_path(out) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            write_safetensors(tmp, tensors, metadata)
     except OSError as err:
         raise OutputError(f"{out}: cannot write ({err.strerror or type(err).__name__})") from None
     return bag

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -100,15 +101,37 @@ class BagResult:
         return self._frame
 
 
-def resolve_device(name: str) -> str:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable torch device string, else UsageError."""
-    import torch
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present whenever the NVIDIA kernel driver is loaded
 
+
+def cuda_may_be_present() -> bool:
+    """False when no NVIDIA driver is loaded, so CUDA cannot be available (decided without torch).
+
+    Importing torch just to learn that CUDA is absent costs over a second per process; the kernel
+    driver's /proc entry answers in microseconds. SMCLI_PROBE_CUDA=1 forces the torch check (e.g. a
+    container that hides /proc/driver but passes a GPU through).
+    """
+    import os
+
+    return NVIDIA_DRIVER.exists() or os.environ.get("SMCLI_PROBE_CUDA") == "1"
+
+
+def resolve_device(name: str) -> str:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable device string, else UsageError.
+
+    'cpu' and 'auto' without an NVIDIA driver never import torch.
+    """
     if name == "auto":
+        if not cuda_may_be_present():
+            return "cpu"
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return "cpu"
     if name == "cuda" or name.startswith("cuda:"):
+        import torch
+
         if not torch.cuda.is_available():
             raise UsageError(f"device {name!r} requested but CUDA is not available on this machine")
         index = name.partition(":")[2]
@@ -193,7 +216,6 @@ def score_bag(
     import datetime
 
     import pyarrow as pa
-    import torch
 
     from smcli import __version__
     from smcli.metrics import auroc
@@ -206,15 +228,13 @@ def score_bag(
     bag, geometry, dist_thr = prepared.bag, prepared.geometry, prepared.dist_thr
     cells, adjacency = prepared.cells, prepared.adjacency
 
-    device = torch.device(options.device)
-    features = bag.features.to(device, non_blocking=True)
-    adj = adjacency.to_torch(torch.float32, device)
+    module = model.module.to(options.device)  # a no-op when the model is there already
     try:
-        out = model.module.attention(features, adj, symmetric=True)  # symmetric by construction
+        out = module.attention(bag.features, adjacency, symmetric=True)  # symmetric by construction
     except SmSolveError as err:
         raise BagError(f"{bag.path}: {err}") from None
-    logits = out.attention_logit.cpu().numpy()
-    weights = torch.softmax(out.attention_logit, dim=0).cpu().numpy()
+    logits = module.backend.to_numpy(out.attention_logit)
+    weights = softmax_weights(logits)
 
     columns = {
         "bag_id": _repeated_string(bag.bag_id, bag.n_instances),
@@ -231,9 +251,7 @@ def score_bag(
         # stable sort on -logit keeps equal logits in instance order
         table = table.take(_arrow_column(np.argsort(-logits, kind="stable")[: options.top_k]))
 
-    probability = None
-    if out.bag_logit is not None:
-        probability = float(torch.sigmoid(torch.tensor(out.bag_logit, dtype=torch.float64)))
+    probability = None if out.bag_logit is None else sigmoid(out.bag_logit)
     summary = BagSummary(
         bag_id=bag.bag_id,
         path=str(bag.path),
@@ -248,12 +266,26 @@ def score_bag(
         auroc=auroc(logits, bag.labels) if bag.labels is not None else None,
         input_bytes=_file_size(bag.path),
         model_sha256=model.sha256,
-        device=str(device),
+        device=module.device,
         smcli_version=__version__,
         scored_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     summary.seconds = time.perf_counter() - started
     return BagResult(summary, table)
+
+
+def softmax_weights(logits: np.ndarray) -> np.ndarray:
+    """Attention weights (N,) from logits (N,): softmax, shifted by the maximum, in the logits' dtype."""
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum(dtype=shifted.dtype)
+
+
+def sigmoid(logit: float) -> float:
+    """1 / (1 + exp(-x)) in float64, without overflow for large |x|."""
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    small = math.exp(logit)
+    return small / (1.0 + small)
 
 
 # Arrow arrays straight from numpy buffers: pa.array() would import pandas (0.25 s) to check
