@@ -222,6 +222,8 @@ def convert(
         raise _exit_on(err) from None
     if result.assumed:
         _stderr(f"note: {state_dict}: assumed torchmil defaults {', '.join(result.assumed)}")
+    for note in result.notes:
+        _stderr(f"note: {state_dict}: {note}")
     pool = result.config.pool
     _stderr(
         f"smcli: wrote {output} from a {result.found} "

@@ -63,6 +63,9 @@ SETTINGS = (
 )
 # names people use for them (torchmil's constructor and dataset arguments) -> smcli's name
 ALIASES = {"att_act": "act", "norm_adj": "normalize", "adj_with_dist": "weights", "in_shape": "in_dim"}
+# hyper_parameters are read by torchmil's names only: a training script's own `weights` or
+# `origin` could mean anything (class weights, ...), torchmil's names mean what torchmil does
+SMCLI_ONLY = ("normalize", "weights", "origin")
 
 
 FLAGS = "flags"
@@ -214,12 +217,13 @@ def _check_value(name: str, value: Any) -> Any:
 def settings_from(document: dict, *, unknown_is_error: bool) -> dict[str, Any]:
     """smcli settings from torchmil-style names (aliases resolved, values checked).
 
-    Raises ValueError naming the key for a bad value, or for an unknown key if unknown_is_error.
+    unknown_is_error: a --config file (any other key is an error); else hyper_parameters, read
+    by torchmil's names only, other keys ignored. Raises ValueError naming the key.
     """
     settings: dict[str, Any] = {}
     for key, value in document.items():
         name = ALIASES.get(key, key)
-        if name not in SETTINGS:
+        if name not in SETTINGS or (not unknown_is_error and key in SMCLI_ONLY):
             if unknown_is_error:
                 raise ValueError(
                     f"unknown key {key!r} (known: {', '.join(sorted(SETTINGS + tuple(ALIASES)))})"
@@ -441,8 +445,25 @@ def resolve(facts: TensorFacts, resolver: _Resolver) -> ModelConfig:
     return ModelConfig(pool, facts.head, patch_size, dist_thr, graph=graph, assumed=assumed)
 
 
-def convert_state(state: dict, hyper_parameters: dict, options: ConvertOptions, path: Path) -> ModelConfig:
-    """Config for a torchmil state dict (prefixes already removed); raises ModelError/UsageError."""
+def overridden(resolver: _Resolver) -> list[str]:
+    """Where a higher-precedence source replaced a different value, e.g. a flag over the
+    file's own hyper_parameters: legitimate, but said aloud (the model may not be what it says)."""
+    notes = []
+    for name in SETTINGS:
+        said = resolver.every(name)
+        lower = [text for value, text in said[1:] if value != said[0][0]] if said else []
+        if lower:
+            notes.append(f"{said[0][1]} overrides {', '.join(lower)}")
+    return notes
+
+
+def convert_state(
+    state: dict, hyper_parameters: dict, options: ConvertOptions, path: Path
+) -> tuple[ModelConfig, list[str]]:
+    """Config for a torchmil state dict (prefixes already removed), and the overrides to note.
+
+    Raises ModelError (the file, the tensors, a contradiction) or UsageError (flags, --config).
+    """
     state, facts = tensor_facts(state, path)
     flags = options.given()
     for name, value in flags.items():
@@ -458,7 +479,8 @@ def convert_state(state: dict, hyper_parameters: dict, options: ConvertOptions, 
             sources.append(("hyper_parameters", settings_from(hyper_parameters, unknown_is_error=False)))
         except ValueError as err:
             raise _fail(path, f"hyper_parameters: {err}") from None
-    config = resolve(facts, _Resolver(sources, path))
+    resolver = _Resolver(sources, path)
+    config = resolve(facts, resolver)
     if options.strict and config.assumed:
         raise _fail(
             path,
@@ -466,13 +488,13 @@ def convert_state(state: dict, hyper_parameters: dict, options: ConvertOptions, 
             "give them as flags or in --config",
         )
     verify_state(build_module(config), state, path)  # every tensor must fit, strictly
-    return config
+    return config, overridden(resolver)
 
 
 def convert(pt_path: Path, out: Path, options: ConvertOptions) -> ConvertResult:
     """`smcli convert`: torchmil training file -> smcli checkpoint (.safetensors), atomically."""
     state, hyper_parameters, found = read_training_file(pt_path)
-    config = convert_state(state, hyper_parameters, options, pt_path)
+    config, notes = convert_state(state, hyper_parameters, options, pt_path)
     kept = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
     save_checkpoint(kept, config, out)
-    return ConvertResult(config, config.assumed, found)
+    return ConvertResult(config, config.assumed, found, notes)

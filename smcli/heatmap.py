@@ -447,12 +447,20 @@ def run_heatmap(request: HeatmapRequest) -> Iterator[HeatmapResult]:
         single_suffix=".png",
     )
     prepare_output(values_request)
+    one_slide_for = None  # the bag a single --slide file was used for: it cannot be every bag's slide
     for item in iter_values(values_request):
         if isinstance(item, Failed):
             yield HeatmapResult(item.source, error=item.error)
             continue
         result = HeatmapResult(item.source, item.bag_id, warnings=list(item.warnings))
         try:
+            if request.slide is not None and not request.slide.is_dir():
+                if one_slide_for is not None:
+                    raise BagError(
+                        f"{item.source}: {item.bag_id}: --slide {request.slide} is the slide of "
+                        f"{one_slide_for}; give a directory of slides to draw several bags"
+                    )
+                one_slide_for = item.bag_id
             draw_bag(item, request, result)
         except (BagError, OutputError) as err:
             result.error = str(err)

@@ -15,7 +15,7 @@ from typing import Any
 from smcli.bags import BagKeys, is_hdf5, load_bag, resolve_geometry
 from smcli.checkpoint import CONFIG_KEY, LoadedModel, load_model
 from smcli.errors import BagError
-from smcli.graph import DEFAULT_DIST_THR, GraphError, build_adjacency, grid_cells
+from smcli.graph import DEFAULT_DIST_THR, GraphError, build_adjacency, grid_cells_with_origin
 from smcli.readers import COORDS_UNITS
 from smcli.tensorfile import SAFETENSORS_DTYPES, read_metadata
 
@@ -83,7 +83,9 @@ def bag_info(
     if dist_thr is None:
         dist_thr = model.config.dist_thr if model is not None else DEFAULT_DIST_THR
     try:
-        cells = grid_cells(bag.coords, geometry.patch_step)
+        # the model's grid origin decides the cells (and so the edges); weights do not change them
+        origin = model.config.graph.origin if model is not None else "min"
+        cells = grid_cells_with_origin(bag.coords, geometry.patch_step, origin)
         adjacency = build_adjacency(cells, dist_thr)
     except GraphError as err:
         raise BagError(f"{path}: {err}") from None

@@ -168,12 +168,13 @@ def test_lightning_checkpoint_takes_settings_from_hyper_parameters(
     hyper = lightning_attribute_dict(
         in_shape=(IN_DIM,), att_act="relu", sm_mode="exact", sm_where="late", sm_alpha="trainable", lr=1e-4
     )
-    hyper.update(norm_adj=True, adj_with_dist=False, dist_thr=1.5, patch_size=PATCH, origin="min")
+    hyper.update(norm_adj=True, adj_with_dist=False, dist_thr=1.5, patch_size=PATCH, weights=[1, 3])
     path = tmp_path / "epoch=3.ckpt"
     torch.save(lightning_checkpoint(oracle, hyper), path)
     result = convert(path, tmp_path / "m.safetensors", ConvertOptions())
     assert result.found == "Lightning checkpoint, prefix model. removed"
-    assert result.assumed == ()  # exact mode: sm_steps plays no part
+    # exact mode: sm_steps plays no part; torchmil has no name for the origin; `weights` is ignored
+    assert result.assumed == ("origin=min",)
     pool = result.config.pool
     assert (pool.act, pool.sm_mode, pool.sm_where, result.config.dist_thr) == ("relu", "exact", "late", 1.5)
     assert_scores_like(tmp_path / "m.safetensors", oracle, bag_file, "exact")
@@ -190,6 +191,10 @@ def test_flags_override_config_which_overrides_hyper_parameters(tmp_path, lightn
     result = convert(path, tmp_path / "m.safetensors", ConvertOptions(act="gelu", config=config))
     pool = result.config.pool
     assert (pool.act, pool.sm_steps, pool.sm_mode) == ("gelu", 6, "exact")
+    assert result.notes == [
+        f"--act gelu overrides config {config}: act tanh, hyper_parameters: act relu",
+        f"config {config}: sm_steps 6 overrides hyper_parameters: sm_steps 4",
+    ]
 
 
 def test_graph_flags_and_config_reach_the_checkpoint(tmp_path):
@@ -402,8 +407,18 @@ def test_convert_never_runs_a_malicious_pickle(tmp_path, wrap):
 
 # --- property: any wrapper x prefixes x where the settings come from ---------------------------
 
-SETTING_VALUES = {"act": "relu", "sm_mode": "exact", "sm_where": "late", "dist_thr": 2.0, "origin": "zero"}
-TORCHMIL_NAMES = {"act": "att_act"}  # how a training config may spell them
+SETTING_VALUES = {
+    "act": "relu",
+    "sm_mode": "exact",
+    "sm_where": "late",
+    "dist_thr": 2.0,
+    "origin": "zero",
+    "weights": "feature_distance",
+}
+TORCHMIL_NAMES = {
+    "act": ("att_act", "relu"),
+    "weights": ("adj_with_dist", True),
+}  # a training config's spelling
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -411,7 +426,10 @@ TORCHMIL_NAMES = {"act": "att_act"}  # how a training config may spell them
     wrapper=st.sampled_from(["bare", "state_dict", "model", "model_state_dict", "lightning"]),
     prefixes=st.lists(st.sampled_from(["model.", "module.", "_orig_mod."]), max_size=3),
     placement=st.fixed_dictionaries(
-        {name: st.sampled_from(["flag", "config", "hparams", "absent"]) for name in SETTING_VALUES}
+        {
+            name: st.sampled_from(["flag", "config", "absent"] + ([] if name == "origin" else ["hparams"]))
+            for name in SETTING_VALUES
+        }
     ),
     torchmil_spelling=st.booleans(),
 )
@@ -424,20 +442,20 @@ def test_any_wrapper_prefix_and_settings_source_converts_the_same(
     if wrapper == "lightning" and "hparams" not in placement.values():
         wrapper = "state_dict"
     flags = {k: v for k, v in SETTING_VALUES.items() if placement[k] == "flag"}
-    in_config = {
-        TORCHMIL_NAMES.get(k, k) if torchmil_spelling else k: v
+    in_config = dict(
+        TORCHMIL_NAMES.get(k, (k, v)) if torchmil_spelling else (k, v)
         for k, v in SETTING_VALUES.items()
         if placement[k] == "config"
-    }
-    hparams = {k: v for k, v in SETTING_VALUES.items() if placement[k] == "hparams"}
+    )
+    # hyper_parameters count only under torchmil's names (origin has none)
+    hparams = dict(
+        TORCHMIL_NAMES.get(k, (k, v)) for k, v in SETTING_VALUES.items() if placement[k] == "hparams"
+    )
     if wrapper == "bare":
         document: dict = state
     elif wrapper == "lightning":
-        document = {
-            "state_dict": state,
-            "hyper_parameters": lightning_attribute_dict(hparams, lr=0.01),
-            "epoch": 1,
-        }
+        hparams.update(lr=0.01, weights=[0.3, 0.7], origin="imagenet")  # the script's own: ignored
+        document = {"state_dict": state, "hyper_parameters": lightning_attribute_dict(hparams), "epoch": 1}
     else:
         document = {wrapper: state, "epoch": 1, "hyper_parameters": hparams}
     path = tmp_path / "m.pt"
@@ -458,6 +476,7 @@ def test_any_wrapper_prefix_and_settings_source_converts_the_same(
         "sm_where": pool.sm_where,
         "dist_thr": result.config.dist_thr,
         "origin": graph.origin,
+        "weights": graph.weights,
     }
     for name in SETTING_VALUES:
         if name in stated:

@@ -172,3 +172,48 @@ def test_feature_distance_memory_is_chunked(monkeypatch):
     chunked = graph.feature_distance_weights(edges, features)
     monkeypatch.setattr(graph, "FEATURE_DISTANCE_CHUNK_VALUES", 1 << 22)
     assert np.array_equal(chunked, graph.feature_distance_weights(edges, features))
+
+
+def test_export_refuses_a_dataset_class_that_builds_coords_its_own_way(tmp_path):
+    class Shifted(ProcessedMILDataset):
+        def _load_coords(self, name):
+            return super()._load_coords(name) // 2
+
+    coords = jittered_coords(1)
+    features = np.zeros((len(coords), IN_DIM), dtype=np.float32)
+    processed(tmp_path, features, coords)
+    dataset = Shifted(str(tmp_path / "features"), coords_path=str(tmp_path / "coords"), bag_keys=["X", "adj"])
+    with pytest.raises(ModelError, match="dataset class Shifted defines its own _load_coords"):
+        smcli.export_torchmil(TorchmilPool(IN_DIM, 4), tmp_path / "m.safetensors", dataset=dataset)
+
+
+def test_export_refuses_a_patch_size_that_contradicts_the_dataset(tmp_path):
+    coords = jittered_coords(1)
+    dataset = trident(tmp_path, np.zeros((len(coords), IN_DIM), dtype=np.float32), coords)
+    with pytest.raises(ModelError, match="patch_size=256 contradicts the dataset's patch_size 512"):
+        smcli.export_torchmil(
+            TorchmilPool(IN_DIM, 4), tmp_path / "m.safetensors", patch_size=256, dataset=dataset
+        )
+    config = smcli.export_torchmil(TorchmilPool(IN_DIM, 4), tmp_path / "m.safetensors", dataset=dataset)
+    assert (config.patch_size, config.dist_thr, config.graph.origin) == (512.0, 2**0.5, "zero")
+
+
+def test_inspect_grids_a_bag_with_the_model_origin(tmp_path, bag_file):
+    import json
+
+    from typer.testing import CliRunner
+
+    from smcli.cli import app
+
+    coords = jittered_coords(7)
+    features = np.zeros((len(coords), IN_DIM), dtype=np.float32)
+    dataset = trident(tmp_path / "data", features, coords)
+    model = tmp_path / "m.safetensors"
+    smcli.export_torchmil(TorchmilPool(IN_DIM, 4), model, dataset=dataset)
+    bag = bag_file("b", torch.from_numpy(features), coords)
+    shown = CliRunner().invoke(app, ["inspect", str(bag), "-m", str(model), "--json"])
+    edges = {
+        o: neighbour_edges(grid_cells_with_origin(coords, PATCH, o)).shape[1] // 2 for o in ("min", "zero")
+    }
+    assert edges["min"] != edges["zero"]
+    assert json.loads(shown.stdout)[0]["n_edges"] == edges["zero"]

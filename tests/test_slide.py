@@ -169,6 +169,51 @@ def test_slide_directory_finds_each_bag_and_names_the_one_without(tmp_path, slid
     assert find_slide(slides, "a") == slides / "a.tif"
 
 
+def test_one_slide_file_serves_one_bag(tmp_path, slide):
+    slide_path, _ = slide
+    both = pd.concat([patch_table(tmp_path / "x.csv", "a"), patch_table(tmp_path / "y.csv", "b")])
+    both.to_csv(tmp_path / "both.csv", index=False)
+    out = tmp_path / "maps"
+    result = invoke("heatmap", tmp_path / "both.csv", "-o", out, "--slide", slide_path, "--max-side", 400)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"smcli: wrote {out / 'a.png'}",
+        f"error: {tmp_path / 'both.csv'}: b: --slide {slide_path} is the slide of a; "
+        "give a directory of slides to draw several bags",
+    ]
+
+
+coordinate = st.one_of(
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, 1599, 1600, 1199, 1200, -1]),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    points=st.lists(st.tuples(coordinate, coordinate), min_size=1, max_size=6),
+    patch_size=st.one_of(st.none(), st.floats(0.01, 1e7)),
+)
+def test_any_table_on_a_slide_draws_or_fails_in_one_line(tmp_path_factory, slide, points, patch_size):
+    """Junk coords (negative, huge, NaN, inf, off-grid) and any step: a PNG or one error line, exit 0/1."""
+    slide_path, _ = slide
+    folder = tmp_path_factory.mktemp("fuzz")
+    frame = pd.DataFrame(points, columns=["x", "y"]).assign(attention_logit=np.arange(len(points)) * 0.5)
+    frame.to_csv(folder / "t.csv", index=False)
+    extra = [] if patch_size is None else ["--patch-size", repr(patch_size)]
+    result = invoke(
+        "heatmap", folder / "t.csv", "-o", folder / "t.png", "--slide", slide_path, "--max-side", 300, *extra
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code in (0, 1) and len(lines) == 1, result.stderr
+    if result.exit_code == 0:
+        assert lines[0] == f"smcli: wrote {folder / 't.png'}"
+        assert (np.asarray(frame[["x", "y"]]) >= 0).all() and Image.open(folder / "t.png").size[0] > 300
+    else:
+        assert lines[0].startswith(f"error: {folder / 't.csv'}: ") and not (folder / "t.png").exists()
+
+
 @pytest.mark.parametrize(
     "case, exit_code, message",
     [
