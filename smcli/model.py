@@ -260,13 +260,12 @@ def _chebyshev(backend: Backend, f: Any, adj64: Any, coef: float, low: float, hi
     sigma = centre / half_width
     residual = backend.addmm(x, adj64, x, beta=0.0, alpha=coef)  # r0 = f - M x0 = coef A x0, (N, C)
     unscaled, scale = xp.asarray(residual, copy=True), 1.0 / centre  # d0 = r0 / centre
-    product = xp.empty_like(x)
     ratio = 1.0 / sigma
     for _ in range(steps):
         backend.axpy(x, unscaled, scale)
-        # M d = scale * ((1 + coef) u - coef A u)
-        backend.addmm(unscaled, adj64, unscaled, beta=(1.0 + coef) * scale, alpha=-coef * scale, out=product)
-        backend.axpy(residual, product, -1.0)
+        # r -= M d, M d = scale ((1 + coef) u - coef A u): two in-place passes over r, no M d array
+        backend.axpy(residual, unscaled, -(1.0 + coef) * scale)
+        backend.addmm(residual, adj64, unscaled, beta=1.0, alpha=coef * scale, out=residual)
         next_ratio = 1.0 / (2.0 * sigma - ratio)
         # d' = next_ratio ratio d + (2 next_ratio / half_width) r
         decay = next_ratio * ratio
