@@ -158,13 +158,11 @@ def has_sm(pool: PoolConfig) -> bool:
 
 
 def check_graph_options(pool: PoolConfig, graph: GraphOptions) -> None:
-    """Raise ValueError for a combination smcli cannot compute exactly."""
-    if not graph.normalize and pool.sm_mode == "exact" and has_sm(pool):
-        # the exact solver's Chebyshev interval assumes a spectrum in [-1, 1] (normalized graphs)
-        raise ValueError(
-            "exact Sm on an unnormalized adjacency (normalize false) is not supported yet: "
-            "its spectrum is not bounded by 1"
-        )
+    """Raise ValueError for a combination smcli cannot compute exactly (none at present).
+
+    Exact Sm on an unnormalized adjacency is accepted: the solver bounds each bag's spectrum and
+    refuses that bag (SmSolveError) where (1 + coef) I - coef A is not provably positive definite.
+    """
 
 
 def feature_extractor_refusal(names: list[str]) -> str:

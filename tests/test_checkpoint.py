@@ -68,12 +68,6 @@ def graph_json(sm_mode="approx", **graph):
             "normalize must be true or false",
         ),
         (
-            lambda p: write_checkpoint(
-                p, pool_tensors(), {CONFIG_KEY: graph_json(normalize=False, sm_mode="exact")}
-            ),
-            "exact Sm on an unnormalized adjacency",
-        ),
-        (
             lambda p: write_checkpoint(p, pool_tensors(), {CONFIG_KEY: config_json(in_dim=21)}),
             "tensors do not fit the config: .*proj1.weight has shape",
         ),
