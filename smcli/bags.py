@@ -10,6 +10,9 @@ Every problem is a BagError whose message starts with the file name.
 from __future__ import annotations
 
 import math
+import os
+import reprlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,24 +86,66 @@ def find_bags(inputs: list[Path]) -> list[Path]:
     return found
 
 
-def is_hdf5(path: Path) -> bool:
-    """True if the file starts with the HDF5 signature (content, not extension, decides)."""
+NOT_REGULAR = {  # what stat says an input is, when it is not a plain file
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def check_input(path: Path) -> None:
+    """Refuse, before anything opens it, an input that is not a regular file with a UTF-8 name.
+
+    Opening a FIFO or a terminal would block the run (and the signal handlers) forever, and a
+    device would be read without end; safetensors cannot open a file whose name is not UTF-8.
+    """
     try:
-        with open(path, "rb") as handle:
-            return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+        mode = os.stat(path).st_mode  # follows symlinks: a link to a bag is a bag
+    except FileNotFoundError:
+        raise _fail(path, "no such file") from None
+    except PermissionError:
+        raise _fail(path, "permission denied") from None
+    except (OSError, ValueError) as err:
+        raise _fail(path, f"cannot stat ({getattr(err, 'strerror', None) or type(err).__name__})") from None
+    if not stat.S_ISREG(mode):
+        kind = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
+        raise _fail(path, f"is {kind}, not a bag file")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(path, "the file name is not valid UTF-8: rename the file (bag ids are UTF-8)") from None
+
+
+def is_hdf5(path: Path) -> bool:
+    """True if the file starts with the HDF5 signature (content, not extension, decides).
+
+    Opened non-blocking: a FIFO or terminal given by mistake answers False instead of hanging.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError):
+        return False
+    try:
+        return os.read(fd, len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def peek_bag_id(path: Path) -> str:
     """The bag id from the file's header alone (no tensor is read); the file stem if unreadable."""
-    if is_hdf5(path):  # h5 bags carry no bag id: the stem, as for their own tools
-        return path.stem
-    from safetensors import safe_open
-
     try:
+        check_input(path)
+        if is_hdf5(path):  # h5 bags carry no bag id: the stem, as for their own tools
+            return path.stem
+        from safetensors import safe_open
+
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("bag_id") or path.stem
+            bag_id = (handle.metadata() or {}).get("bag_id")
+            return bag_id if isinstance(bag_id, str) and bag_id else path.stem
     except Exception:  # the real read reports what is wrong with the file
         return path.stem
 
@@ -108,10 +153,7 @@ def peek_bag_id(path: Path) -> str:
 def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Bag:
     """Read and validate one bag: HDF5 if the file says so, safetensors otherwise."""
     path = Path(path)
-    if not path.exists():
-        raise _fail(path, "no such file")
-    if path.is_dir():
-        raise _fail(path, "is a directory, not a bag file")
+    check_input(path)
     if is_hdf5(path):
         from smcli.h5bags import load_h5_bag
 
@@ -176,12 +218,15 @@ def validate_tensors(path: Path, features, coords, labels, keys: BagKeys):
 
 def parse_patch_size(path: Path, value, where: str) -> float:
     """A stored patch step (string or number) -> positive float; `where` names it in errors."""
+    shown = reprlib.repr(value)  # an attribute may be a long array: never a page of digits
+    if isinstance(value, (complex, np.complexfloating, np.ndarray)):  # float() would warn or drop parts
+        raise _fail(path, f"{where} {shown} is not a number")
     try:
         patch_size = float(value)
-    except (TypeError, ValueError):
-        raise _fail(path, f"{where} {value!r} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise _fail(path, f"{where} {shown} is not a number") from None
     if not (math.isfinite(patch_size) and patch_size > 0):
-        raise _fail(path, f"{where} {value!r} must be positive")
+        raise _fail(path, f"{where} {shown} must be positive")
     return patch_size
 
 

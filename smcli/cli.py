@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from smcli.errors import SmcliError
+from smcli.errors import SmcliError, printable
 
 app = typer.Typer(
     name="smcli",
@@ -48,7 +48,7 @@ LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 
 
 
 def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 def _exit_on(err: SmcliError) -> typer.Exit:

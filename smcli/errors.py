@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """`text` as one line that any stream can take: undecodable file-name bytes (surrogate escapes)
+    become `\\udcXX`, line breaks become spaces. For stderr lines."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\r", " ").replace("\n", " ")
+
+
 class SmcliError(Exception):
     """Base class: a problem a user can act on. `str(err)` is the one-line message."""
 

@@ -69,8 +69,8 @@ def load_h5_bag(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True)
             features = _read(handle[features_name])
             coords = _read(handle[coords_name])
             labels = _read(handle[keys.labels]) if with_labels and keys.labels in names else None
-            root_attrs = dict(handle.attrs)
-            coords_attrs = dict(handle[coords_name].attrs)
+            root_attrs = _read_attrs(path, handle, "", ROOT_ATTRS)
+            coords_attrs = _read_attrs(path, handle[coords_name], f"{coords_name}.", COORDS_ATTRS)
     except BagError:
         raise
     except PermissionError:
@@ -100,14 +100,34 @@ def load_h5_bag(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True)
     return Bag(path, path.stem, features_t, coords_np, patch_size, labels_np, metadata)
 
 
+ROOT_ATTRS = ("unit", "tile_size_um")  # the only attributes format detection reads
+COORDS_ATTRS = ("patch_size_level0", "tile_size_um")
+
+
+def _read_attrs(path: Path, obj, prefix: str, names: tuple[str, ...]) -> dict:
+    """The named attributes of an h5 object that it has; one unreadable is that bag's error."""
+    found = {}
+    for name in names:
+        try:
+            if name in obj.attrs:
+                found[name] = obj.attrs[name]
+        except Exception as err:  # h5py raises OSError, TypeError, ValueError... for odd types
+            what = f"attribute {prefix}attrs[{name!r}]"
+            raise _fail(path, f"{what} cannot be read ({type(err).__name__})") from None
+    return found
+
+
 def detect_format(features_name: str, coords_name: str, root_attrs: dict, coords_attrs: dict) -> str:
-    """'stamp', 'trident', 'clam' or 'h5', from the dataset names and attributes the tools write."""
+    """'stamp', 'trident', 'clam' or 'h5', from the dataset names and attributes the tools write.
+
+    Attributes of any type are accepted: only a string `unit` equal to 'um' counts as one.
+    """
     unit = _attr_value(root_attrs.get("unit", ""))
     if (
         features_name in STAMP_FEATURES
         or "tile_size_um" in root_attrs
         or "tile_size_um" in coords_attrs
-        or unit == "um"
+        or (isinstance(unit, str) and unit == "um")
     ):
         return "stamp"
     if "patch_size_level0" in coords_attrs:
@@ -164,7 +184,10 @@ def _attr_value(value):
     """An h5 attribute as a Python scalar: bytes decoded, one-element arrays unwrapped."""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except Exception:  # an object numpy cannot hold: left as it is, compared as it is
+        return value
     if array.size == 1 and array.dtype.kind in "biuf":
         return array.reshape(()).item()
     if array.size == 1 and array.dtype.kind in "SUO":
