@@ -1,0 +1,425 @@
+"""Issue 9 hardening: every edge a real cohort hits, one property/fuzz test per class of bad input.
+
+Each test generates many cases (hypothesis, or a seeded generator for subprocess runs) and checks
+the batch rule: anything about one input becomes that input's `error` row and the batch goes on
+(exit 1 at the end); only usage and model problems exit 2; every error is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from safetensors.torch import save_file
+from torchmil.nn import SmAttentionPool as TorchmilPool
+from typer.testing import CliRunner
+
+from smcli.checkpoint import ModelConfig, PoolConfig, load_model, save_checkpoint
+from smcli.cli import app
+from smcli.scoring import score_bags
+
+IN_DIM = 8
+ATT_DIM = 4
+PATCH = 256
+
+
+def fast(examples: int) -> settings:
+    """Few, reproducible examples: every one runs the real batch."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+runner = CliRunner()
+
+
+def invoke(*args, input=None):
+    """The CLI in-process; an exception escaping smcli (a traceback in a shell) fails the test."""
+    result = runner.invoke(app, [str(a) for a in args], input=input)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        trace = "".join(traceback.format_exception(*result.exc_info)).splitlines()
+        pytest.fail("smcli crashed:\n" + "\n".join(trace[-8:]) + f"\nstderr: {result.stderr}")
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def grid(rows: int, cols: int, step: int = PATCH) -> np.ndarray:
+    return np.ascontiguousarray(np.argwhere(np.ones((rows, cols))).astype(np.int64) * step)
+
+
+def write_bag(path: Path, n_rows: int = 4, n_cols: int = 3, seed: int = 0, step: int = PATCH, **metadata):
+    coords = grid(n_rows, n_cols, step)
+    features = torch.randn(len(coords), IN_DIM, generator=torch.Generator().manual_seed(seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"features": features, "coords": torch.from_numpy(coords)},
+        str(path),
+        metadata={k: str(v) for k, v in metadata.items()} or None,
+    )
+    return path
+
+
+def write_clam(path: Path, seed: int = 0, step: int = PATCH) -> Path:
+    coords = grid(4, 3, step).astype(np.int32)
+    with h5py.File(path, "w") as handle:
+        handle["features"] = np.random.default_rng(seed).normal(size=(len(coords), IN_DIM)).astype(np.float32)
+        handle["coords"] = coords
+    return path
+
+
+def bags_rows(path: Path) -> list[dict[str, str]]:
+    return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    state = TorchmilPool(IN_DIM, ATT_DIM).state_dict()
+    state["sm.sm.coef"] = torch.tensor(1.3)
+    path = tmp_path_factory.mktemp("model") / "pool.safetensors"
+    save_checkpoint(state, ModelConfig(PoolConfig(IN_DIM, ATT_DIM)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return load_model(model_path)
+
+
+# ------------------------------------------------- §2 (b) h5 attributes of any type never escape
+
+ATTRIBUTE_VALUES = st.one_of(
+    st.text(max_size=6),
+    st.binary(max_size=6),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.complex_numbers(),
+    st.booleans(),
+    hnp.arrays(
+        st.sampled_from(["i1", "i8", "u8", "f4", "f8", "c8", "S3", "?"]),
+        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+    ),
+)
+ATTRIBUTE_PLACES = st.sampled_from(
+    [
+        ("", "unit"),
+        ("", "tile_size_um"),
+        ("coords", "patch_size_level0"),
+        ("coords", "tile_size_um"),
+        ("coords", "unit"),
+        ("features", "unit"),
+        ("", "patch_size"),
+    ]
+)
+
+
+@fast(60)
+@given(attributes=st.lists(st.tuples(ATTRIBUTE_PLACES, ATTRIBUTE_VALUES), min_size=1, max_size=3))
+def test_h5_attributes_of_any_type_are_used_ignored_or_that_bags_error(model, attributes):
+    with tempfile.TemporaryDirectory() as tmp:
+        odd = write_clam(Path(tmp) / "odd.h5", seed=1)
+        with h5py.File(odd, "a") as handle:
+            for (owner, name), value in attributes:
+                try:
+                    (handle[owner] if owner else handle).attrs[name] = value
+                except (TypeError, ValueError, OSError):
+                    assume(False)  # a value h5py itself cannot store
+        good = write_clam(Path(tmp) / "zz_good.h5", seed=2)
+        results = list(score_bags([odd, good], model))  # an escaping exception fails the test
+    assert [r.summary.path for r in results] == [str(odd), str(good)]
+    assert results[1].ok
+    first = results[0].summary
+    assert first.status in ("ok", "error")
+    if first.status == "error":
+        assert first.error.startswith(f"{odd}: ") and "\n" not in first.error
+        assert "unexpected" not in first.error, first.error  # a foreseen case, not the last line of defence
+
+
+# ----------------------------------- §2 (c, d) inputs that are no regular file, or not UTF-8 names
+
+
+def _make_input(directory: Path, kind: str, index: int, raw_name: bytes) -> Path:
+    """One input of the given kind; its name is `raw_name` (any bytes but '/' and NUL) + index."""
+    name = os.fsdecode(raw_name + b"_%d" % index)
+    if kind == "fifo":
+        path = directory / f"{name}.h5"
+        os.mkfifo(path)
+    elif kind == "socket":
+        path = directory / f"{name}.safetensors"
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(os.fsencode(path))
+        server.close()
+    elif kind == "directory":
+        path = directory / f"{name}.safetensors"
+        path.mkdir()
+    elif kind == "device":
+        path = directory / f"{name}.safetensors"
+        path.symlink_to("/dev/null")
+    elif kind == "link_to_fifo":
+        target = directory / f"target_{index}"
+        os.mkfifo(target)
+        path = directory / f"{name}.safetensors"
+        path.symlink_to(target)
+    elif kind == "safetensors":
+        path = write_bag(directory / f"{name}.safetensors", seed=index)
+    else:
+        path = write_clam(directory / f"{name}.h5", seed=index)
+    return path
+
+
+NAMES = st.binary(min_size=1, max_size=8).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")
+)
+KINDS = st.sampled_from(["fifo", "socket", "directory", "device", "link_to_fifo", "safetensors", "h5"])
+
+
+@fast(25)
+@given(inputs=st.lists(st.tuples(KINDS, NAMES), min_size=1, max_size=5))
+def test_fifos_devices_sockets_and_non_utf8_names_are_each_that_inputs_error_row(model_path, inputs):
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "in"
+        directory.mkdir()
+        paths = [_make_input(directory, kind, i, name) for i, (kind, name) in enumerate(inputs)]
+        good = write_bag(Path(tmp) / "zz_good.safetensors", seed=99)
+        out = Path(tmp) / "out"
+        result = invoke("score", *paths, good, "-m", model_path, "-o", out)
+        assert result.exit_code in (0, 1), result.stderr
+        rows = bags_rows(out / "_bags.csv")  # readable as UTF-8 by any tool
+        assert (out / "zz_good.csv").exists()
+        bad = [
+            p
+            for (kind, _), p in zip(inputs, paths, strict=True)
+            if kind not in ("safetensors", "h5", "directory") or (kind != "directory" and not _utf8(p))
+        ]  # a directory given as input means the bags in it (none here)
+        errors = error_lines(result.stderr)
+        assert len([r for r in rows if r["status"] == "error"]) == len(bad) == len(errors)
+        assert result.exit_code == (1 if bad else 0)
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("note:")]
+        assert len(lines) == len(errors) + 1  # + the summary: one line each
+        for path, line in zip(bad, errors, strict=True):
+            index = paths.index(path)  # whatever bytes the name has, the line names this file
+            assert (
+                line.startswith(f"error: {directory}/") and f"_{index}.{path.name.rsplit('.')[-1]}: " in line
+            )
+            kind_named = any(word in line for word in ("FIFO", "socket", "device"))
+            assert kind_named or ("not valid UTF-8" in line and not _utf8(path)), line
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def test_a_fifo_input_neither_blocks_the_run_nor_the_signal_handlers(tmp_path, model_path):
+    """A real process: on the old code it blocked forever in open() (and SIGTERM could not stop it)."""
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    os.mkfifo(bags / "pipe.h5")
+    write_bag(bags / "zz_good.safetensors")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smcli",
+            "score",
+            str(bags / "pipe.h5"),
+            str(bags / "zz_good.safetensors"),
+            "-m",
+            str(model_path),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: {bags / 'pipe.h5'}: is a FIFO (named pipe), not a bag file" in proc.stderr.splitlines()
+    assert (tmp_path / "out" / "zz_good.csv").exists()
+
+
+# ------------------------------- §2 (a) + §5: resume, rows kept, outputs verified, stale temporaries
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _check_directory_truth(out: Path, steps_inferred: set[float], stderr: str) -> None:
+    """_bags.csv describes every output file: one ok/skipped row with its figures per file on disk."""
+    rows = bags_rows(out / "_bags.csv")
+    kept = {r["bag_id"]: r for r in rows if r["status"] in ("ok", "skipped")}
+    files = {p.stem for p in out.glob("*.csv") if not p.name.startswith("_bags")}
+    assert set(kept) == files, (sorted(kept), sorted(files))
+    for bag_id, row in kept.items():
+        assert row["n_instances"] and row["patch_step"], row  # no skipped row without figures
+        n_lines = (out / f"{bag_id}.csv").read_bytes().count(b"\n")
+        assert n_lines - 1 == int(row["n_instances"]), (bag_id, n_lines)
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    notes = [line for line in stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == len(steps_inferred), notes  # once per distinct inferred step
+
+
+RUNS = st.lists(
+    st.tuples(
+        st.lists(st.integers(0, 5), min_size=1, max_size=6, unique=True),  # which bags this run gets
+        st.sampled_from(["--skip-existing", "--overwrite", None]),
+        st.lists(st.tuples(st.integers(0, 5), st.integers(0, 12)), max_size=2),  # truncate bag i at k lines
+        st.booleans(),  # leave a stale temporary of a dead process
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@fast(12)
+@given(runs=RUNS)
+def test_resumed_and_repeated_runs_keep_bags_csv_truthful(model_path, runs):
+    """Runs into one directory, with --skip-existing / --overwrite / neither, h5 bags whose step is
+    inferred (two different steps), outputs cut at a line end between runs and temporaries of
+    SIGKILLed runs: no crash, and `_bags.csv` always lists every output file with figures that
+    match it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bags = [write_clam(Path(tmp) / f"bag_{i}.h5", seed=i, step=PATCH * (1 + i % 2)) for i in range(6)]
+        out = Path(tmp) / "out"
+        for chosen, flag, cuts, stale in runs:
+            if out.is_dir():
+                # a kept file cut at a line end: what --skip-existing must notice (among its inputs)
+                cuts = [(i, k) for i, k in cuts if i in chosen] if flag == "--skip-existing" else []
+                for index, keep_lines in cuts:
+                    target = out / f"bag_{index}.csv"
+                    if target.exists():
+                        lines = target.read_bytes().splitlines(keepends=True)
+                        target.write_bytes(b"".join(lines[:keep_lines]))
+                if stale:
+                    (out / f".bag_0.csv.{_dead_pid()}.tmp").write_bytes(b"bag_id,instance,x\n")
+                    (out / f"._bags.csv.{_dead_pid()}.tmp").write_bytes(b"bag_id\n")
+            inputs = [bags[i] for i in sorted(chosen)]
+            result = invoke("score", *inputs, "-m", model_path, "-o", out, *([flag] if flag else []))
+            assert result.exit_code in (0, 1), result.stderr
+            if flag == "--overwrite":  # every chosen bag scored: one note per distinct inferred step
+                assert _noted_steps(result.stderr) == {PATCH * (1 + i % 2) for i in chosen}
+            _check_directory_truth(out, _noted_steps(result.stderr), result.stderr)
+
+
+def _noted_steps(stderr: str) -> set[float]:
+    return {
+        float(line.split("patch step ")[1].split()[0])
+        for line in stderr.splitlines()
+        if line.startswith("note:")
+    }
+
+
+def test_scoring_bags_one_by_one_into_a_directory_keeps_every_row(tmp_path, model_path):
+    bags = [write_bag(tmp_path / f"bag_{i:03d}.safetensors", seed=i, patch_size=PATCH) for i in range(3)]
+    out = tmp_path / "out"
+    for bag in bags:
+        assert invoke("score", bag, "-m", model_path, "-o", out).exit_code == 0
+    rows = bags_rows(out / "_bags.csv")
+    assert [r["bag_id"] for r in rows] == ["bag_000", "bag_001", "bag_002"]
+    again = invoke("score", bags[1], "-m", model_path, "-o", out, "--overwrite")
+    assert again.exit_code == 0
+    rows = bags_rows(out / "_bags.csv")
+    assert sorted(r["bag_id"] for r in rows) == ["bag_000", "bag_001", "bag_002"]  # replaced, not added
+    (out / "bag_000.csv").unlink()
+    invoke("score", bags[2], "-m", model_path, "-o", out, "--overwrite")
+    assert sorted(r["bag_id"] for r in bags_rows(out / "_bags.csv")) == ["bag_001", "bag_002"]
+
+
+def test_skip_existing_rescores_an_output_cut_at_a_line_end(tmp_path, model_path):
+    bag = write_bag(tmp_path / "big.safetensors", n_rows=40, n_cols=25, patch_size=PATCH)
+    out = tmp_path / "out"
+    assert invoke("score", bag, "-m", model_path, "-o", out).exit_code == 0
+    whole = (out / "big.csv").read_bytes()
+    (out / "big.csv").write_bytes(b"".join(whole.splitlines(keepends=True)[:100]))  # `head -100`
+    result = invoke("score", bag, "-m", model_path, "-o", out, "--skip-existing")
+    assert result.exit_code == 0
+    assert "1 ok, 0 skipped" in result.stderr
+    assert (out / "big.csv").read_bytes() == whole
+
+
+def test_concurrent_skip_existing_runs_leave_no_row_without_figures(tmp_path, model_path):
+    bags = tmp_path / "bags"
+    for i in range(16):
+        write_bag(bags / f"b{i:02d}.safetensors", n_rows=6, n_cols=6, seed=i, patch_size=PATCH)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "smcli",
+        "score",
+        str(bags),
+        "-m",
+        str(model_path),
+        "-o",
+        str(out),
+        "--skip-existing",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    _check_directory_truth(out, set(), "")
+    assert len(bags_rows(out / "_bags.csv")) == 16
+
+
+# ------------------------------------------- §3 duplicate bag_id in a single table (file or stdout)
+
+
+@fast(15)
+@given(
+    placement=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3)), min_size=2, max_size=6, unique=True),
+    target=st.sampled_from(["all.csv", "all.parquet", "-"]),
+)
+def test_a_single_table_never_holds_one_bag_id_twice(model_path, placement, target):
+    """Bag files named name_<j> in directories d<i>: a name met again is that input's error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [
+            write_bag(Path(tmp) / f"d{i}" / f"name_{j}.safetensors", seed=i * 7 + j) for i, j in placement
+        ]
+        extra = [] if target == "-" else ["-o", Path(tmp) / target]
+        result = invoke("score", *paths, "-m", model_path, *extra)
+        names = [p.stem for p in paths]
+        duplicates = [p for k, p in enumerate(paths) if p.stem in names[:k]]
+        assert result.exit_code == (1 if duplicates else 0), result.stderr
+        errors = error_lines(result.stderr)
+        assert len(errors) == len(duplicates)
+        for path, line in zip(duplicates, errors, strict=True):
+            assert line.startswith(f"error: {path}: bag_id ") and "already written" in line
+        if target == "-":
+            import io
+
+            table = pd.read_csv(io.StringIO(result.stdout))
+        elif target.endswith(".csv"):
+            table = pd.read_csv(Path(tmp) / target)
+        else:
+            table = pd.read_parquet(Path(tmp) / target)
+        first_of_each = {p.stem: p for p in reversed(paths)}
+        assert sorted(table["bag_id"].unique()) == sorted(first_of_each)
+        assert len(table) == 12 * len(first_of_each)
