@@ -364,24 +364,24 @@ def test_skip_existing_rescores_an_output_cut_at_a_line_end(tmp_path, model_path
 
 
 def test_concurrent_skip_existing_runs_leave_no_row_without_figures(tmp_path, model_path):
-    bags = tmp_path / "bags"
-    for i in range(16):
-        write_bag(bags / f"b{i:02d}.safetensors", n_rows=6, n_cols=6, seed=i, patch_size=PATCH)
-    out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "smcli",
-        "score",
-        str(bags),
-        "-m",
-        str(model_path),
-        "-o",
-        str(out),
-        "--skip-existing",
+    """Two overlapping resumes at once: each run's exclusive bags keep their rows (the old code's
+    last writer dropped the other's), and a bag one run skips because the other wrote it has figures."""
+    bags = [
+        write_bag(tmp_path / "bags" / f"b{i:02d}.safetensors", n_rows=6, n_cols=6, seed=i, patch_size=PATCH)
+        for i in range(16)
     ]
+    out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "smcli", "score", *map(str, chosen), "-m", str(model_path), "-o", str(out)]
+            + ["--skip-existing"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for chosen in (bags[:11], bags[5:])
+    ]
     for proc in procs:
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
