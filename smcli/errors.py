@@ -5,9 +5,12 @@ from __future__ import annotations
 
 def printable(text: str) -> str:
     """`text` as one line that any stream can take: undecodable file-name bytes (surrogate escapes)
-    become `\\udcXX`, line breaks become spaces. For stderr lines."""
+    become `\\udcXX`, control characters and line separators `\\xNN` / `\\uNNNN`. For stderr
+    lines and `_bags.csv` cells."""
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.replace("\r", " ").replace("\n", " ")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 class SmcliError(Exception):

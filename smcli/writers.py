@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smcli.errors import OutputError, UsageError
+from smcli.errors import OutputError, UsageError, printable
 from smcli.interrupts import GUARD
 from smcli.scoring import BagResult, BagSummary
 
@@ -148,8 +148,9 @@ def _cell(value) -> str:
         return ""
     if isinstance(value, float):  # numpy floats too; repr keeps every digit
         return repr(float(value))
-    # a path that is not valid UTF-8 is written as \udcXX: the file stays UTF-8 for every reader
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    # a path that is not valid UTF-8 is written as \udcXX, a control character as \xNN: the
+    # file stays one valid UTF-8 line per bag for every reader
+    return printable(str(value))
 
 
 def csv_rows_written(writer, rows: list[list[str]]) -> None:
