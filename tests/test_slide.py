@@ -301,3 +301,27 @@ def test_blend_leaves_uncovered_pixels_alone():
     assert (out[canvas < 0] == pixels[canvas < 0]).all()
     np.testing.assert_array_equal(out[0, 2], np.rint(0.5 * pixels[0, 2] + 100))
     np.testing.assert_array_equal(out[1, 2], np.rint(0.5 * pixels[1, 2] + 50))
+
+
+def test_drawing_from_a_table_does_not_import_torch(tmp_path, slide):
+    """heatmap (slide, top patches) and geojson from tables stay torch-free (in a fresh interpreter)."""
+    import subprocess
+
+    slide_path, _ = slide
+    patch_table(tmp_path / "a.csv")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from smcli.heatmap import HeatmapRequest, run_heatmap\n"
+        "from smcli.geojson import GeoJsonRequest, run_geojson\n"
+        f"out, slide = Path({str(tmp_path)!r}), Path({str(slide_path)!r})\n"
+        "table = out / 'a.csv'\n"
+        "request = HeatmapRequest([table], out / 'm.png', slide=slide, max_side=300, top_patches=2)\n"
+        "assert all(not r.error for r in run_heatmap(request))\n"
+        "assert all(not r.error for r in run_geojson(GeoJsonRequest([table], out / 'a.geojson')))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchmil')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "m.png").exists() and (tmp_path / "a.geojson").exists()
