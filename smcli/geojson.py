@@ -120,7 +120,7 @@ def target_path(output: Path, bag_id: str) -> Path:
     """OUT itself when it names a .geojson file; otherwise OUT/<bag_id>.geojson."""
     if output.suffix.lower() == ".geojson":
         return output
-    from smcli.writers import safe_bag_id
+    from smcli.files import safe_bag_id
 
     if not safe_bag_id(bag_id):
         raise OutputError(f"{output}: bag_id {bag_id!r} cannot be used as a file name")
@@ -129,7 +129,7 @@ def target_path(output: Path, bag_id: str) -> Path:
 
 def write_json(document: dict, path: Path) -> None:
     """json.dump, atomically; OutputError when it cannot be written."""
-    from smcli.writers import atomic_path
+    from smcli.files import atomic_path
 
     try:
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:

@@ -370,7 +370,7 @@ def target_path(output: Path, bag_id: str) -> Path:
     """OUT itself when it names a .png; otherwise OUT/<bag_id>.png."""
     if output.suffix.lower() == ".png":
         return output
-    from smcli.writers import safe_bag_id
+    from smcli.files import safe_bag_id
 
     if not safe_bag_id(bag_id):
         raise OutputError(f"{output}: bag_id {bag_id!r} cannot be used as a file name")
@@ -379,7 +379,7 @@ def target_path(output: Path, bag_id: str) -> Path:
 
 def save_figure(figure, path: Path) -> None:
     """savefig as PNG, atomically; OutputError when it cannot be written."""
-    from smcli.writers import atomic_path
+    from smcli.files import atomic_path
 
     try:
         with atomic_path(path) as tmp:
@@ -392,7 +392,7 @@ def save_rgb(pixels: np.ndarray, path: Path) -> None:
     """(H, W, 3) uint8 as a PNG of exactly those pixels, atomically (Pillow)."""
     from PIL import Image
 
-    from smcli.writers import atomic_path
+    from smcli.files import atomic_path
 
     try:
         with atomic_path(path) as tmp:
