@@ -26,6 +26,18 @@ What a slide looks like
   strong enough to be found by pooling a neighbourhood, too weak to call patches one by one, so
   un-smoothed attention is speckled while Sm-smoothed attention follows the blob.
 
+Slide images
+------------
+    python sample_bags/generate.py --slide-image [--out sample_bags]
+
+writes `slide_01.tiff` (about 20 MB, not kept in git): the whole-slide image of sample slide_01 as a
+pyramidal tiled TIFF that OpenSlide opens as a generic TIFF. Level 0 is in the bag's pixel grid (a
+patch at (x, y) covers [x, x + 512) × [y, y + 512)): stained-looking tissue wherever the bag has a
+patch, a denser and darker texture on lesion patches, near-white glass elsewhere. Reduced levels
+(downsample 8 and 32) are separate pages marked subfiletype 1. Every 512 px level-0 tile is one of
+a few hundred templates (the kinds of the four patch cells it overlaps), each deflate-compressed
+once per level, so writing is mostly copying bytes (a few seconds) and the file stays small.
+
 Determinism: everything comes from numpy's PCG64 streams seeded through SeedSequence, with no
 FFT or BLAS reductions in the per-slide path, and the files are written by a small safetensors
 writer with sorted keys (the safetensors package serializes multi-key metadata in hash order,
@@ -354,6 +366,114 @@ def write_slide(slide: Slide, out: Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# slide images (tifffile, a test/dev dependency, is imported only here)
+
+SLIDE_IMAGES = ("slide_01",)
+TIFF_TILE = 512  # level-0 tile side = the patch step, so a tile overlaps at most 2 x 2 patch cells
+LEVEL_DOWNSAMPLES = (1, 8, 32)
+GLASS, LESION = 0, 1  # cell kinds; tissue cells are kinds 2, 3, 4 (three stain tints)
+KINDS = 5
+GLASS_RGB = (243, 241, 245)
+STROMA_RGB = ((236, 176, 204), (226, 160, 196), (240, 190, 212))  # eosin pinks, one per tissue tint
+NUCLEUS_RGB = (126, 62, 150)  # haematoxylin purple
+LESION_RGB, LESION_NUCLEUS_RGB = (200, 128, 186), (72, 28, 112)
+
+
+def texture(kind: int) -> np.ndarray:
+    """(TIFF_TILE, TIFF_TILE, 3) uint8 level-0 texture of one kind of cell.
+
+    Nuclei sit on a lattice whose period divides the tile (16 px, 8 px and darker in a lesion), so
+    the texture is the same in every tile and deflate finds each row again within its 32 KB window.
+    """
+    y, x = np.mgrid[0:TIFF_TILE, 0:TIFF_TILE]
+    out = np.empty((TIFF_TILE, TIFF_TILE, 3), dtype=np.uint8)
+    if kind == GLASS:
+        out[:] = GLASS_RGB
+        return out
+    if kind == LESION:
+        period, radius, base, nucleus = 8, 3.0, LESION_RGB, LESION_NUCLEUS_RGB
+    else:
+        period, radius, base, nucleus = 16, 3.5, STROMA_RGB[kind - 2], NUCLEUS_RGB
+    dy, dx = y % period - period / 2 + 0.5, x % period - period / 2 + 0.5
+    out[:] = base
+    out[dy * dy + dx * dx <= radius * radius] = nucleus
+    return out
+
+
+def cell_kinds(slide: Slide, seed: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """(rows, cols) uint8 kind per patch cell (glass, lesion, or one of three tissue tints laid out
+    by a smooth random field), and the level-0 (x, y) of cell (0, 0)."""
+    origin = slide.coords.min(axis=0)
+    cells = (slide.coords - origin) // PATCH_SIZE  # (N, 2) (col, row)
+    shape = (int(cells[:, 1].max()) + 1, int(cells[:, 0].max()) + 1)
+    tint = smooth_field(np.random.default_rng(np.random.SeedSequence([seed, 7])), shape, sigma=3.0)
+    tissue = 2 + np.digitize(tint, [-0.5, 0.5]).astype(np.uint8)  # (rows, cols) in 2..4
+    kinds = np.zeros(shape, dtype=np.uint8)
+    at = (cells[:, 1], cells[:, 0])
+    kinds[at] = np.where(slide.labels == 1, LESION, tissue[at])
+    return kinds, (int(origin[0]), int(origin[1]))
+
+
+def write_slide_image(slide: Slide, path: Path, margin: int = 4 * PATCH_SIZE) -> Path:
+    """The slide's pyramidal tiled TIFF (see the module docstring), written atomically."""
+    import zlib
+
+    import tifffile
+
+    kinds, (ox, oy) = cell_kinds(slide)
+    rows, cols = kinds.shape
+    span = np.array([ox + cols * PATCH_SIZE + margin, oy + rows * PATCH_SIZE + margin])
+    width, height = (-(-span // TIFF_TILE) * TIFF_TILE).tolist()  # whole tiles: every level has the same grid
+    tiles_x, tiles_y = width // TIFF_TILE, height // TIFF_TILE
+    # the patch cells each tile overlaps: tile (ty, tx) is split at (ox % 512, oy % 512) into quadrants
+    split_x, split_y = ox % PATCH_SIZE, oy % PATCH_SIZE
+    first_col = (np.arange(tiles_x) * TIFF_TILE - ox) // PATCH_SIZE - (split_x == 0)
+    first_row = (np.arange(tiles_y) * TIFF_TILE - oy) // PATCH_SIZE - (split_y == 0)
+    padded = np.pad(kinds, 1).astype(np.int64)  # glass around the grid (index + 1 below); keys reach 624
+
+    def kind_at(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        inside = (r >= -1) & (r <= rows) & (c >= -1) & (c <= cols)
+        return np.where(inside, padded[np.clip(r + 1, 0, rows + 1), np.clip(c + 1, 0, cols + 1)], GLASS)
+
+    r0, c0 = np.meshgrid(first_row, first_col, indexing="ij")  # (tiles_y, tiles_x)
+    keys = ((kind_at(r0, c0) * KINDS + kind_at(r0, c0 + 1)) * KINDS + kind_at(r0 + 1, c0)) * KINDS + kind_at(
+        r0 + 1, c0 + 1
+    )  # (tiles_y, tiles_x): the kinds of the 2 x 2 cells, top-left to bottom-right, in base KINDS
+    textures = [texture(kind) for kind in range(KINDS)]
+
+    def template(key: int) -> np.ndarray:
+        tl, tr, bl, br = key // KINDS**3, key // KINDS**2 % KINDS, key // KINDS % KINDS, key % KINDS
+        tile = np.empty_like(textures[0])
+        tile[:split_y, :split_x] = textures[tl][:split_y, :split_x]
+        tile[:split_y, split_x:] = textures[tr][:split_y, split_x:]
+        tile[split_y:, :split_x] = textures[bl][split_y:, :split_x]
+        tile[split_y:, split_x:] = textures[br][split_y:, split_x:]
+        return tile
+
+    full = {int(key): template(int(key)) for key in np.unique(keys)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tifffile.TiffWriter(tmp) as tif:
+        for index, factor in enumerate(LEVEL_DOWNSAMPLES):
+            side = TIFF_TILE // factor
+            blobs = {}
+            for key, tile in full.items():
+                small = tile.reshape(side, factor, side, factor, 3).mean(axis=(1, 3))
+                blobs[key] = zlib.compress(np.rint(small).astype(np.uint8).tobytes(), 6)
+            tif.write(
+                (blobs[int(key)] for key in keys.reshape(-1)),
+                shape=(height // factor, width // factor, 3),
+                dtype=np.uint8,
+                tile=(side, side),
+                compression="zlib",
+                photometric="rgb",
+                subfiletype=1 if index else 0,
+                metadata=None,
+            )
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="slide seed (default 0)")
@@ -363,8 +483,19 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(__file__).resolve().parent,
         help="output folder (default: this folder)",
     )
+    parser.add_argument(
+        "--slide-image",
+        action="store_true",
+        help=f"write the slide image(s) {', '.join(SLIDE_IMAGES)}.tiff instead of the bags",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.slide_image:
+        for slide in sample_set(args.seed):
+            if slide.name in SLIDE_IMAGES:
+                path = write_slide_image(slide, args.out / f"{slide.name}.tiff")
+                print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
+        return
     for slide in sample_set(args.seed):
         path = write_slide(slide, args.out)
         kind = f"positive, {int(slide.labels.sum())} lesion patches" if slide.positive else "negative"

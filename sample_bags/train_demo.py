@@ -18,10 +18,9 @@ CPU only, one thread, deterministic algorithms: running it twice on one machine 
 byte-identical checkpoints (another CPU may round float32 differently in the last bits), in
 about half a minute on one core. Neither torchmil nor smcli's no-grad production path is used
 for training: `forward` below is torchmil's SmABMIL forward written with
-autograd-friendly ops (smcli.model.approx_sm writes into preallocated buffers with out= and takes
-coef as a float, so gradients would reach neither the features nor sm.sm.coef). The modules
-themselves are smcli's (build_module), so the state dict has torchmil's layout; after training
-the forward is checked against smcli's forward_reference.
+autograd-friendly torch ops (smcli's model is numpy on the CPU, without gradients). The torch
+modules here carry torchmil's parameter names, so the state dict has torchmil's layout; after
+training the forward is checked against smcli's production path and forward_reference.
 """
 
 from __future__ import annotations
@@ -44,14 +43,12 @@ from smcli.bags import load_bag  # noqa: E402
 from smcli.checkpoint import (  # noqa: E402
     ModelConfig,
     PoolConfig,
-    build_module,
     load_model,
     save_checkpoint,
     with_training,
 )
 from smcli.graph import build_adjacency, grid_cells  # noqa: E402
 from smcli.metrics import auroc  # noqa: E402
-from smcli.model import Sm  # noqa: E402
 from smcli.scoring import score_bag  # noqa: E402
 
 SEED = 0
@@ -74,6 +71,46 @@ def model_config(sm_where: str, in_dim: int = generate.FEATURE_DIM) -> ModelConf
         spectral_norm=False,
     )
     return ModelConfig(pool, head=True, patch_size=float(generate.PATCH_SIZE))
+
+
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
+
+
+class _Coefficient(torch.nn.Module):
+    """Holds Sm's trainable coef, so that its state-dict name is torchmil's `sm.sm.coef`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sm = torch.nn.Module()
+        self.sm.coef = torch.nn.Parameter(torch.tensor(1.0))  # torchmil's initial value
+
+
+class TrainablePool(torch.nn.Module):
+    """SmAttentionPool's parameters under torchmil's names, as trainable torch modules."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        super().__init__()
+        self.sm_where = config.sm_where
+        self.num_steps = config.sm_steps
+        self.act_fn = ACTIVATIONS[config.act]
+        self.sm = _Coefficient() if config.sm_where != "none" else None
+        self.proj1 = torch.nn.Linear(config.in_dim, config.att_dim)
+        self.proj2 = torch.nn.Linear(config.att_dim, 1, bias=False)
+
+
+class TrainableSmABMIL(torch.nn.Module):
+    """SmABMIL without a feature extractor: `pool` and the linear head `last_layer`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.pool = TrainablePool(config.pool)
+        self.last_layer = torch.nn.Linear(config.pool.in_dim, 1)
+
+
+def build_module(config: ModelConfig) -> TrainableSmABMIL:
+    """The trainable model for a config (approx Sm, early or none, with a head), from torch's RNG."""
+    return TrainableSmABMIL(config)
 
 
 def bag_tensors(slide: generate.Slide) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,8 +158,8 @@ def forward(model, X: torch.Tensor, adj: torch.Tensor) -> tuple[torch.Tensor, to
     pool, head = model.pool, model.last_layer
     att_dim = pool.proj1.weight.shape[0]
     projected = X @ torch.cat([pool.proj1.weight, head.weight]).T  # (N, att_dim + 1)
-    if pool.sm_where == "early" and isinstance(pool.sm, Sm):
-        projected = smooth(projected, adj, pool.sm.sm.coef, pool.sm.num_steps)
+    if pool.sm_where == "early" and pool.sm is not None:
+        projected = smooth(projected, adj, pool.sm.sm.coef, pool.num_steps)
     H = pool.act_fn(projected[:, :att_dim] + pool.proj1.bias)  # (N, att_dim)
     f = (H @ pool.proj2.weight.T).squeeze(-1)  # (N,)
     s = torch.softmax(f, dim=0)  # (N,)
@@ -160,7 +197,7 @@ def train(
             optimizer.step()
             total += loss.item()
         coef = ""
-        if isinstance(model.pool.sm, Sm):
+        if model.pool.sm is not None:
             coef = f"  coef {model.pool.sm.sm.coef.item():.3f}"
         print(f"  epoch {epoch + 1}/{epochs}  mean loss {total / len(bags):.4f}{coef}", flush=True)
     model.eval()
@@ -178,15 +215,24 @@ def train(
 
 
 def check_against_reference(model, bag) -> None:
-    """The training forward must equal smcli's torchmil-faithful forward_reference."""
+    """The training forward must equal smcli's model (production path and forward_reference)."""
+    from smcli.checkpoint import build_module as build_smcli_model
+
     X, adj, _ = bag
     with torch.no_grad():
         logit, f = forward(model, X, adj)
-    ref_logit, ref_f = model.forward_reference(X, adj)
-    if not torch.allclose(f, ref_f, rtol=1e-4, atol=1e-5):
-        raise RuntimeError("training forward: attention logits differ from forward_reference")
-    if not torch.allclose(logit, ref_logit, rtol=1e-4, atol=1e-5):
-        raise RuntimeError("training forward: bag logit differs from forward_reference")
+    reference = build_smcli_model(model.config)
+    reference.load_state_dict(model.state_dict())
+    production = reference.attention(X.numpy(), adj)
+    ref_logit, ref_f = reference.forward_reference(X.numpy(), adj)
+    for name, (other_logit, other_f) in {
+        "forward_reference": (ref_logit, ref_f),
+        "attention": (production.bag_logit, production.attention_logit),
+    }.items():
+        if not np.allclose(f.numpy(), other_f, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"training forward: attention logits differ from smcli's {name}")
+        if not math.isclose(float(logit), other_logit, rel_tol=1e-4, abs_tol=1e-5):
+            raise RuntimeError(f"training forward: bag logit differs from smcli's {name}")
 
 
 def evaluate(checkpoints: dict[str, Path], sample_dir: Path) -> None:
@@ -271,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__.split("+")[0],
             **summary,
         }
-        if isinstance(model.pool.sm, Sm):
+        if model.pool.sm is not None:
             recipe["final_sm_coef"] = round(model.pool.sm.sm.coef.item(), 6)
         path = args.out / f"{name}.safetensors"
         save_checkpoint(model.state_dict(), with_training(config, recipe), path)

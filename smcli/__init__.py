@@ -8,8 +8,10 @@ Python API (the CLI is built on it)::
     result.table      # pandas DataFrame: bag_id, instance, x, y, attention_logit, attention_weight
     result.summary    # BagSummary: n_edges, logit, probability, auroc, patch_step, ...
 
-`score_bags(paths, model)` yields one result per bag, reading the next bag while scoring the
-current one. Names are imported lazily so that `import smcli` (and `smcli --help`) stays fast.
+`export_torchmil(model, "model.safetensors", dataset=train_dataset)` writes a checkpoint from a
+live torchmil model, every setting read off the module. `score_bags(paths, model)` yields one
+result per bag, reading the next bag while scoring the current one. Names are imported lazily
+so that `import smcli` (and `smcli --help`) stays fast.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ _API = {
     "score_bags": "smcli.scoring",
     "ScoreOptions": "smcli.scoring",
     "BagKeys": "smcli.bags",
+    "export_torchmil": "smcli.export",
 }
 __all__ = ["__version__", *_API]
 

@@ -1,10 +1,9 @@
-"""Read bags (features + coordinates), validate them, and work out their patch geometry.
+"""Load bags (features + coordinates), validate them, and work out their patch geometry.
 
-A safetensors bag holds `features` (N, D) [or (1, N, D)] in float16/bfloat16/float32/float64 and
-`coords` (N, 2), integer or float, plus optional string metadata `patch_size` and `bag_id`.
-HDF5 bags (TRIDENT, CLAM, STAMP) are recognised by their signature, whatever the file is called,
-and read by smcli.h5bags; both readers end in the same checks (`validate_tensors`).
-Every problem is a BagError whose message starts with the file name.
+The file formats live in smcli.readers (safetensors, and TRIDENT/CLAM/STAMP HDF5 recognised by
+their signature whatever the file is called); every reader's RawBag ends in the same checks here
+(`validate_tensors`) and becomes a `Bag`. Every problem is a BagError whose message starts with
+the file name.
 """
 
 from __future__ import annotations
@@ -15,35 +14,26 @@ import reprlib
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from smcli.errors import BagError
-
-if TYPE_CHECKING:
-    from torch import Tensor
 from smcli.graph import infer_patch_step
+from smcli.readers import BagKeys, RawBag, reader_for
+from smcli.tensorfile import Unreadable
+
+__all__ = ["Bag", "BagKeys", "Geometry", "find_bags", "load_bag", "peek_bag_id", "resolve_geometry"]
 
 FEATURE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 BAG_SUFFIXES = (".safetensors", ".h5", ".hdf5")
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 of every file h5py writes (no user block)
-
-
-@dataclass(frozen=True)
-class BagKeys:
-    """Tensor names inside a bag file."""
-
-    features: str = "features"
-    coords: str = "coords"
-    labels: str = "labels"
 
 
 @dataclass
 class Bag:
     """One slide's bag.
 
-    features: torch tensor (N, D) as stored (dtype preserved; the model converts per chunk).
+    features: numpy (N, D) as stored (float16/float32/float64 kept, the model converts per
+    chunk; bfloat16, which numpy lacks, decoded exactly to float32). features_dtype: as stored.
     coords: (N, 2) numpy array as stored.  labels: (N,) 0/1 numpy array, or None.
     patch_size: step from the file's metadata, or None.
     metadata: the file's string metadata, plus `format` (safetensors, trident, clam, stamp or h5)
@@ -52,11 +42,16 @@ class Bag:
 
     path: Path
     bag_id: str
-    features: Tensor
+    features: np.ndarray
     coords: np.ndarray
     patch_size: float | None = None
     labels: np.ndarray | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    features_dtype: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.features_dtype:
+            self.features_dtype = str(self.features.dtype)
 
     @property
     def n_instances(self) -> int:
@@ -119,88 +114,51 @@ def check_input(path: Path) -> None:
 
 
 def is_hdf5(path: Path) -> bool:
-    """True if the file starts with the HDF5 signature (content, not extension, decides).
+    """True if the file starts with the HDF5 signature (content, not extension, decides)."""
+    from smcli.readers import h5
 
-    Opened non-blocking: a FIFO or terminal given by mistake answers False instead of hanging.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except (OSError, ValueError):
-        return False
-    try:
-        return os.read(fd, len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    return h5.claims(path)
 
 
 def peek_bag_id(path: Path) -> str:
-    """The bag id from the file's header alone (no tensor is read); the file stem if unreadable."""
+    """The bag id from the file's header alone (no tensor is read); the file stem if it has none
+    or cannot be read (the real read then says what is wrong with the file)."""
     try:
         check_input(path)
-        if is_hdf5(path):  # h5 bags carry no bag id: the stem, as for their own tools
-            return path.stem
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            bag_id = (handle.metadata() or {}).get("bag_id")
-            return bag_id if isinstance(bag_id, str) and bag_id else path.stem
-    except Exception:  # the real read reports what is wrong with the file
+        bag_id = reader_for(path).peek_bag_id(path)
+    except Exception:
         return path.stem
+    return bag_id if isinstance(bag_id, str) and bag_id else path.stem
 
 
 def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Bag:
-    """Read and validate one bag: HDF5 if the file says so, safetensors otherwise."""
+    """Read one bag with the reader that claims it, validate it, and make the Bag."""
     path = Path(path)
     check_input(path)
-    if is_hdf5(path):
-        from smcli.h5bags import load_h5_bag
-
-        return load_h5_bag(path, keys, with_labels)
-    return _load_safetensors_bag(path, keys, with_labels)
+    raw = reader_for(path).read(path, keys, with_labels)
+    return bag_from_raw(path, raw)
 
 
-def _load_safetensors_bag(path: Path, keys: BagKeys, with_labels: bool) -> Bag:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
-            metadata = dict(handle.metadata() or {})
-            for key in (keys.features, keys.coords):
-                if key not in names:
-                    raise _fail(
-                        path, f"no '{key}' tensor (keys present: {', '.join(sorted(names)) or 'none'})"
-                    )
-            features = handle.get_tensor(keys.features)
-            coords_tensor = handle.get_tensor(keys.coords)
-            labels_tensor = handle.get_tensor(keys.labels) if with_labels and keys.labels in names else None
-    except BagError:
-        raise
-    except PermissionError:
-        raise _fail(path, "permission denied") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _fail(
-            path, f"not a safetensors bag or corrupt header ({detail[:120]}); not an HDF5 file either"
-        ) from None
-
-    features, coords, labels = validate_tensors(path, features, coords_tensor, labels_tensor, keys)
+def bag_from_raw(path: Path, raw: RawBag) -> Bag:
+    """The checks every format ends in, then the Bag."""
+    features, coords, labels = validate_tensors(path, raw.features, raw.coords, raw.labels, raw.names)
+    metadata = dict(raw.metadata)
     patch_size = None
-    metadata["format"] = "safetensors"
-    if "patch_size" in metadata:
-        patch_size = parse_patch_size(path, metadata["patch_size"], "metadata patch_size")
-        metadata["patch_size_source"] = "metadata['patch_size']"
-    bag_id = metadata.get("bag_id") or path.stem
-    return Bag(path, bag_id, features, coords, patch_size, labels, metadata)
+    if raw.step is not None:
+        where, value = raw.step
+        patch_size = parse_patch_size(path, value, where)
+        metadata["patch_size_source"] = where
+    return Bag(
+        path, raw.bag_id or path.stem, features, coords, patch_size, labels, metadata, raw.features_dtype
+    )
 
 
 def validate_tensors(path: Path, features, coords, labels, keys: BagKeys):
     """The checks every reader ends in: dtypes, shapes, finiteness, row counts, 0/1 labels.
 
-    features: torch (N, D) or (1, N, D); coords: torch (N, 2) or (1, N, 2); labels: torch (N,) or None.
-    Returns (features (N, D) torch, coords (N, 2) numpy, labels (N,) int8 numpy or None).
+    features: numpy (N, D) or (1, N, D); coords: (N, 2) or (1, N, 2); labels: (N,) or None; any of
+    them may be an `Unreadable` (a dtype numpy cannot hold).
+    Returns (features (N, D), coords (N, 2), labels (N,) int8 or None), all numpy.
     Error messages use the names in `keys` (the names inside the file).
     """
     features = _check_features(path, features, keys.features)
@@ -230,23 +188,19 @@ def parse_patch_size(path: Path, value, where: str) -> float:
     return patch_size
 
 
-def _check_features(path: Path, features, name: str):
-    import torch
-
-    if str(features.dtype).replace("torch.", "") not in FEATURE_DTYPES:
+def _check_features(path: Path, features, name: str) -> np.ndarray:
+    if _dtype_name(features) not in FEATURE_DTYPES:
         raise _fail(
-            path,
-            f"{name} has dtype {str(features.dtype).replace('torch.', '')}; "
-            f"expected one of {', '.join(FEATURE_DTYPES)}",
+            path, f"{name} has dtype {_dtype_name(features)}; expected one of {', '.join(FEATURE_DTYPES)}"
         )
-    if features.dim() == 3 and features.shape[0] == 1:
+    if features.ndim == 3 and features.shape[0] == 1:
         features = features[0]
-    if features.dim() != 2:
+    if features.ndim != 2:
         raise _fail(path, f"{name} must be 2-D (N, D) or (1, N, D), got shape {tuple(features.shape)}")
     bad_rows = 0
-    for start in range(0, features.shape[0], 16384):
+    for start in range(0, features.shape[0], 16384):  # bounded temporaries
         chunk = features[start : start + 16384]
-        bad_rows += int((~torch.isfinite(chunk).all(dim=1)).sum())
+        bad_rows += int((~np.isfinite(chunk).all(axis=1)).sum())
     if bad_rows:
         raise _fail(
             path, f"{name} has non-finite values (NaN or inf) in {bad_rows} of {features.shape[0]} rows"
@@ -255,28 +209,20 @@ def _check_features(path: Path, features, name: str):
 
 
 def _dtype_name(tensor) -> str:
-    return str(tensor.dtype).replace("torch.", "")
+    return str(tensor.dtype)
 
 
 def _numeric_array(tensor) -> np.ndarray | None:
-    """The tensor as a numpy integer/float array, or None for bool, complex, float8 and the like."""
-    import torch
-
-    if tensor.dtype == torch.bool or tensor.is_complex():
+    """The tensor as a numpy integer/float array (float16 widened), or None for bool, complex, float8."""
+    if isinstance(tensor, Unreadable) or tensor.dtype.kind not in "iuf":
         return None
-    if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.to(torch.float32)
-    try:
-        array = tensor.numpy()
-    except TypeError:  # dtypes numpy has no counterpart for (float8, uint16 on old numpy, ...)
-        return None
-    return array if array.dtype.kind in "iuf" else None
+    return tensor.astype(np.float32) if tensor.dtype == np.float16 else tensor
 
 
 def _check_coords(path: Path, coords, name: str) -> np.ndarray:
-    if coords.dim() == 3 and coords.shape[0] == 1:
+    if coords.ndim == 3 and coords.shape[0] == 1:
         coords = coords[0]
-    if coords.dim() != 2 or coords.shape[1] != 2:
+    if coords.ndim != 2 or coords.shape[1] != 2:
         raise _fail(path, f"{name} must have shape (N, 2), got {tuple(coords.shape)}")
     array = _numeric_array(coords)
     if array is None:
@@ -288,11 +234,8 @@ def _check_coords(path: Path, coords, name: str) -> np.ndarray:
 
 
 def _check_labels(path: Path, labels, name: str, n: int) -> np.ndarray:
-    import torch
-
-    array = None if labels.dtype == torch.bool else _numeric_array(labels)
-    if labels.dtype == torch.bool:
-        array = labels.numpy()
+    is_bool = not isinstance(labels, Unreadable) and labels.dtype == np.bool_
+    array = labels if is_bool else _numeric_array(labels)
     if array is None:
         raise _fail(path, f"{name} has dtype {_dtype_name(labels)}; expected 0/1 integers")
     array = array.reshape(-1)

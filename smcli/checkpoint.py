@@ -2,10 +2,13 @@
 
 Metadata key `smcli_config` holds JSON:
     {"pool": {in_dim, att_dim, act, sm_mode, sm_alpha, sm_steps, sm_where, spectral_norm},
-     "head": bool, "graph": {"patch_size": float | null, "dist_thr": float},
-     "smcli_version": str, "training": {...optional recipe}}
-Scoring loads only safetensors (no pickle is ever executed). `convert_state_dict` turns a
-`torch.save(model.state_dict())` file into a checkpoint, reading the .pt with weights_only=True.
+     "head": bool, "graph": {"patch_size": float | null, "dist_thr": float, "normalize": bool,
+     "weights": "binary" | "feature_distance", "origin": "min" | "zero"},
+     "smcli_version": str, "training": {...optional recipe},
+     "assumed": ["sm_mode=approx", ...]  (settings `convert` took from torchmil defaults; optional)}
+Scoring loads only safetensors (no pickle is ever executed), into numpy: no torch import.
+Checkpoints are made by `smcli.convert` (from torchmil training files) and `smcli.export` (from a
+live torchmil model).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from smcli.errors import ModelError
-from smcli.graph import DEFAULT_DIST_THR
+from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, ORIGINS, GraphOptions
+from smcli.model import PoolConfig  # the model's constructor arguments; re-exported here
 
 CONFIG_KEY = "smcli_config"
 ACTS = ("tanh", "relu", "gelu")
@@ -26,20 +30,8 @@ SM_MODES = ("approx", "exact")
 SM_WHERE = ("early", "mid", "late", "none")
 
 Alpha = float | str
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """SmAttentionPool constructor arguments (torchmil 1.0.2 names and defaults)."""
-
-    in_dim: int
-    att_dim: int = 128
-    act: str = "gelu"
-    sm_mode: str = "approx"
-    sm_alpha: Alpha = "trainable"
-    sm_steps: int = 10
-    sm_where: str = "early"
-    spectral_norm: bool = False
+# the layers torchmil wraps with spectral norm (proj1, proj2), per sm_where
+SPECTRAL_LAYERS = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": (False, False)}
 
 
 @dataclass(frozen=True)
@@ -49,6 +41,8 @@ class ModelConfig:
     patch_size: float | None = None
     dist_thr: float = DEFAULT_DIST_THR
     training: dict[str, Any] = field(default_factory=dict)
+    graph: GraphOptions = GraphOptions()
+    assumed: tuple[str, ...] = ()  # "name=value" settings taken from torchmil defaults by convert
 
     def to_json(self) -> str:
         from smcli import __version__
@@ -56,17 +50,19 @@ class ModelConfig:
         document: dict[str, Any] = {
             "pool": asdict(self.pool),
             "head": self.head,
-            "graph": {"patch_size": self.patch_size, "dist_thr": self.dist_thr},
+            "graph": {"patch_size": self.patch_size, "dist_thr": self.dist_thr, **asdict(self.graph)},
             "smcli_version": __version__,
         }
         if self.training:
             document["training"] = self.training
+        if self.assumed:
+            document["assumed"] = list(self.assumed)
         return json.dumps(document, sort_keys=True)
 
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to score: its config, the torch module, and where it came from."""
+    """A checkpoint ready to score: its config, the model (smcli.model), and where it came from."""
 
     config: ModelConfig
     module: Any  # smcli.model.SmAttentionPool or SmABMIL
@@ -79,7 +75,7 @@ class LoadedModel:
 
     @property
     def n_parameters(self) -> int:
-        return sum(int(t.numel()) for t in self.module.state_dict().values())
+        return sum(int(t.size) for t in self.module.state_dict().values())
 
 
 def _fail(path: Path, message: str) -> ModelError:
@@ -113,7 +109,13 @@ def parse_config(text: str, path: Path) -> ModelConfig:
             patch_size = _positive_float(patch_size, "patch_size")
         dist_thr = _positive_float(graph.get("dist_thr", DEFAULT_DIST_THR), "dist_thr")
         training = document.get("training") or {}
-        return ModelConfig(config, bool(document.get("head", False)), patch_size, dist_thr, training)
+        options = parse_graph_options(graph)
+        check_graph_options(config, options)
+        assumed = document.get("assumed") or []
+        if not isinstance(assumed, list) or not all(isinstance(item, str) for item in assumed):
+            raise ValueError("assumed must be a list of strings")
+        head = bool(document.get("head", False))
+        return ModelConfig(config, head, patch_size, dist_thr, training, options, tuple(assumed))
     except json.JSONDecodeError as err:
         raise _fail(path, f"config metadata is not valid JSON ({err.msg})") from None
     except KeyError as err:
@@ -136,6 +138,44 @@ def check_pool_config(config: PoolConfig) -> None:
             raise ValueError(f"sm_alpha must be 'trainable' or a number in [0, 1), got {alpha!r}")
 
 
+def parse_graph_options(graph: dict) -> GraphOptions:
+    """The graph options of a config's graph section (absent keys: torchmil's dataset defaults)."""
+    normalize = graph.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be true or false, got {normalize!r}")
+    weights = graph.get("weights", "binary")
+    if weights not in EDGE_WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(EDGE_WEIGHTS)}, got {weights!r}")
+    origin = graph.get("origin", "min")
+    if origin not in ORIGINS:
+        raise ValueError(f"origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+    return GraphOptions(normalize, weights, origin)
+
+
+def has_sm(pool: PoolConfig) -> bool:
+    """torchmil builds an Sm (not an Identity) for these settings."""
+    return pool.sm_steps > 0 and pool.sm_alpha not in (0.0, 0) and pool.sm_where != "none"
+
+
+def check_graph_options(pool: PoolConfig, graph: GraphOptions) -> None:
+    """Raise ValueError for a combination smcli cannot compute exactly."""
+    if not graph.normalize and pool.sm_mode == "exact" and has_sm(pool):
+        # the exact solver's Chebyshev interval assumes a spectrum in [-1, 1] (normalized graphs)
+        raise ValueError(
+            "exact Sm on an unnormalized adjacency (normalize false) is not supported yet: "
+            "its spectrum is not bounded by 1"
+        )
+
+
+def feature_extractor_refusal(names: list[str]) -> str:
+    """The message for a model with a feature extractor (SmABMIL feat_ext), naming its tensors."""
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return (
+        f"the model has a feature extractor ({shown}): smcli scores precomputed features only; "
+        "run it over the patches into the bags, then give smcli the model without it"
+    )
+
+
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -156,13 +196,13 @@ def _positive_float(value: Any, name: str) -> float:
     return float(value)
 
 
-def build_module(config: ModelConfig):
-    """An smcli module with torchmil's state-dict layout for this config (eval mode)."""
+def build_module(config: ModelConfig, seed: int = 0):
+    """An smcli model with torchmil's state-dict layout for this config, weights drawn from `seed`."""
     from smcli.model import SmABMIL, SmAttentionPool
 
-    pool = SmAttentionPool(**asdict(config.pool))
+    pool = SmAttentionPool(config.pool, seed=seed)
     if config.head:
-        return SmABMIL(pool, config.pool.in_dim)
+        return SmABMIL(pool, config.pool.in_dim, seed=seed + 1)
     return pool
 
 
@@ -175,16 +215,17 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """Read an smcli checkpoint (.safetensors) and build the module it describes."""
+    """Read an smcli checkpoint (.safetensors) and build the model it describes, on `device`."""
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such model file")
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+
+    from smcli.tensorfile import read_safetensors
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        read = read_safetensors(path)
+        metadata, tensors = read.metadata, read.tensors
     except PermissionError:
         raise _fail(path, "permission denied") from None
     except (SafetensorError, OSError, ValueError, RuntimeError):
@@ -203,9 +244,16 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(config, module.to(device), path, file_sha256(path))
 
 
+def _is_floating(tensor) -> bool:
+    """numpy or torch: a floating-point dtype (an Unreadable float8 is not one smcli can use)."""
+    if hasattr(tensor, "is_floating_point"):
+        return bool(tensor.is_floating_point())
+    return getattr(getattr(tensor, "dtype", None), "kind", "") == "f"
+
+
 def _load_state(module, tensors: dict, path: Path) -> None:
     result_problems = []
-    expected = module.state_dict()
+    expected = module.shapes()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -213,134 +261,31 @@ def _load_state(module, tensors: dict, path: Path) -> None:
     if unexpected:
         result_problems.append("unexpected " + ", ".join(unexpected))
     for key in sorted(set(expected) & set(tensors)):
-        if tuple(expected[key].shape) != tuple(tensors[key].shape):
+        if tuple(expected[key]) != tuple(tensors[key].shape):
             result_problems.append(
-                f"{key} has shape {tuple(tensors[key].shape)}, the config needs {tuple(expected[key].shape)}"
+                f"{key} has shape {tuple(tensors[key].shape)}, the config needs {tuple(expected[key])}"
             )
-        elif not tensors[key].is_floating_point():
+        elif not _is_floating(tensors[key]):
             result_problems.append(f"{key} has dtype {tensors[key].dtype}, expected floating point")
     if result_problems:
         raise _fail(path, "tensors do not fit the config: " + "; ".join(result_problems))
     module.load_state_dict(tensors, strict=True)
-    module.eval()
+
+
+def verify_state(module, tensors: dict, path: Path) -> None:
+    """Load `tensors` into `module` strictly; a ModelError names every tensor that does not fit."""
+    _load_state(module, tensors, path)
 
 
 def save_checkpoint(tensors: dict, config: ModelConfig, out: Path) -> None:
-    """Write tensors + config as a safetensors checkpoint, atomically."""
-    from safetensors.torch import save_file
+    """Write tensors (numpy or torch; bfloat16 widened to float32) + config as a checkpoint, atomically."""
+    from smcli.files import atomic_path
+    from smcli.model import to_numpy
+    from smcli.tensorfile import write_safetensors
 
-    from smcli.writers import atomic_path
-
-    payload = {key: value.detach().contiguous().clone() for key, value in tensors.items()}
+    payload = {key: to_numpy(value) for key, value in tensors.items()}
     with atomic_path(out) as tmp:
-        save_file(payload, str(tmp), metadata={CONFIG_KEY: config.to_json()})
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Flags of `smcli convert`; None means 'not given' (the torchmil default then applies)."""
-
-    act: str | None = None
-    sm_mode: str = "approx"
-    sm_alpha: Alpha | None = None
-    sm_steps: int = 10
-    sm_where: str = "early"
-    patch_size: float | None = None
-    dist_thr: float = DEFAULT_DIST_THR
-
-
-@dataclass
-class ConvertResult:
-    config: ModelConfig
-    notes: list[str]
-
-
-def read_state_dict(path: Path) -> dict:
-    """Load a torch.save'd state dict with weights_only=True: a pickle that runs code is refused."""
-    import pickle
-
-    import torch
-
-    if not path.is_file():
-        raise _fail(path, "no such file")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "unsafe pickle"
-        raise _fail(path, f"refused to load: not a plain state dict ({first_line.strip()})") from None
-    except PermissionError:
-        raise _fail(path, "permission denied") from None
-    except Exception as err:  # torch raises many kinds for garbage input
-        raise _fail(path, f"cannot read as a torch state dict ({type(err).__name__})") from None
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise _fail(path, "does not hold a state dict (a mapping of names to tensors)")
-    return state
-
-
-def convert_state_dict(state: dict, options: ConvertOptions, path: Path) -> ConvertResult:
-    """Infer in_dim, att_dim, spectral_norm and head from the tensors; the rest from options."""
-    notes: list[str] = []
-    head = any(key.startswith("pool.") for key in state)
-    pool_state = {k[len("pool.") :]: v for k, v in state.items() if k.startswith("pool.")} if head else state
-    if head:
-        others = sorted(k for k in state if not k.startswith("pool.") and not k.startswith("last_layer."))
-        if others:
-            raise _fail(path, "unexpected tensors for an SmABMIL state dict: " + ", ".join(others[:5]))
-    spectral1 = "proj1.parametrizations.weight.original" in pool_state
-    spectral2 = "proj2.parametrizations.weight.original" in pool_state
-    weight1 = pool_state.get("proj1.parametrizations.weight.original", pool_state.get("proj1.weight"))
-    if weight1 is None or weight1.dim() != 2:
-        raise _fail(path, "no proj1 weight: not a torchmil SmAttentionPool or SmABMIL state dict")
-    att_dim, in_dim = (int(s) for s in weight1.shape)
-
-    spectral_norm = spectral1 or spectral2
-    where = options.sm_where
-    if where not in SM_WHERE:
-        raise _fail(path, f"sm_where must be one of {', '.join(SM_WHERE)}, got {where!r}")
-    # torchmil wraps proj1 and proj2 for early/none, proj2 only for mid, nothing for late
-    wrapped = {"early": (True, True), "none": (True, True), "mid": (False, True), "late": (False, False)}
-    if spectral_norm and wrapped[where] != (spectral1, spectral2):
-        found = "proj1 and proj2" if spectral1 and spectral2 else "proj1 only" if spectral1 else "proj2 only"
-        raise _fail(path, f"spectral-norm tensors on {found} do not fit --sm-where {where}")
-
-    has_coef = "sm.sm.coef" in pool_state
-    alpha = options.sm_alpha
-    if alpha is None:
-        alpha = "trainable"
-        if not has_coef and where != "none" and options.sm_steps > 0:
-            raise _fail(
-                path,
-                "no sm.sm.coef tensor, so alpha was not trainable: pass --sm-alpha FLOAT "
-                "(or --sm-where none if the model has no Sm)",
-            )
-    if has_coef and alpha != "trainable":
-        raise _fail(
-            path, f"--sm-alpha {alpha} contradicts the tensors: sm.sm.coef is present, so alpha was trainable"
-        )
-    act = options.act
-    if act is None:
-        act = "tanh" if head else "gelu"
-        notes.append(
-            f"--act not given: using {act}, torchmil's default for {'SmABMIL' if head else 'SmAttentionPool'}"
-        )
-    pool = PoolConfig(in_dim, att_dim, act, options.sm_mode, alpha, options.sm_steps, where, spectral_norm)
-    try:
-        check_pool_config(pool)
-    except ValueError as err:
-        raise _fail(path, str(err)) from None
-    config = ModelConfig(pool, head, options.patch_size, options.dist_thr)
-    _load_state(build_module(config), state, path)  # every tensor must fit, strictly
-    return ConvertResult(config, notes)
-
-
-def convert(pt_path: Path, out: Path, options: ConvertOptions) -> ConvertResult:
-    """`smcli convert`: torchmil state dict (.pt) -> smcli checkpoint (.safetensors)."""
-    state = read_state_dict(pt_path)
-    result = convert_state_dict(state, options, pt_path)
-    save_checkpoint(state, result.config, out)
-    return result
+        write_safetensors(tmp, payload, {CONFIG_KEY: config.to_json()})
 
 
 def with_training(config: ModelConfig, training: dict) -> ModelConfig:

@@ -45,6 +45,7 @@ FeaturesKeyOption = Annotated[
 ]
 CoordsKeyOption = Annotated[str, typer.Option("--coords-key", help="Name of the coordinates tensor/dataset.")]
 LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 0/1 instance labels.")]
+ColumnOption = Annotated[str, typer.Option("--column", help="Table column to draw.")]
 
 
 def _stderr(message: str) -> None:
@@ -149,29 +150,52 @@ def _expand_stdin(inputs: list[Path]) -> list[Path]:
 
 @app.command()
 def convert(
-    state_dict: Annotated[Path, typer.Argument(help="torchmil state dict saved with torch.save (.pt).")],
+    state_dict: Annotated[
+        Path,
+        typer.Argument(
+            help="torchmil training file (.pt/.ckpt): state dict, wrapped or prefixed, or Lightning."
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
-    act: Annotated[
-        str | None, typer.Option(help="tanh, relu or gelu (default: the torchmil class's).")
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="JSON file of torchmil constructor and graph settings."),
     ] = None,
-    sm_mode: Annotated[str, typer.Option(help="approx or exact.")] = "approx",
+    act: Annotated[str | None, typer.Option(help="tanh, relu or gelu.")] = None,
+    sm_mode: Annotated[str | None, typer.Option(help="approx or exact.")] = None,
     sm_alpha: Annotated[str | None, typer.Option(help="'trainable' or a float in [0, 1).")] = None,
-    sm_steps: Annotated[int, typer.Option(help="Approx Sm steps.")] = 10,
-    sm_where: Annotated[str, typer.Option(help="early, mid, late or none.")] = "early",
+    sm_steps: Annotated[int | None, typer.Option(help="Approx Sm steps.")] = None,
+    sm_where: Annotated[str | None, typer.Option(help="early, mid, late or none.")] = None,
     patch_size: PatchSizeOption = None,
-    dist_thr: Annotated[float, typer.Option("--dist-thr", help="Neighbour distance in patch steps.")] = 2
-    ** 0.5,
+    dist_thr: Annotated[
+        float | None, typer.Option("--dist-thr", help="Neighbour distance in patch steps.")
+    ] = None,
+    normalize: Annotated[
+        bool | None,
+        typer.Option("--normalize/--no-normalize", help="Normalized adjacency (torchmil norm_adj)."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Edge weights: binary or feature_distance (torchmil adj_with_dist)."),
+    ] = None,
+    origin: Annotated[
+        str | None,
+        typer.Option(help="Grid origin: min (CAMELYON16/PANDA datasets) or zero (TRIDENT)."),
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse to assume any torchmil default.")] = False,
 ) -> None:
-    """Turn a torchmil SmAttentionPool/SmABMIL state dict into an smcli checkpoint.
+    """Turn a torchmil SmAttentionPool/SmABMIL training file into an smcli checkpoint.
 
-    in_dim, att_dim, spectral_norm and the head are read off the tensors; the .pt is read with
-    torch.load(weights_only=True), so a pickle that tries to run code is refused.
+    in_dim, att_dim, spectral norm, trainable alpha and the head are read off the tensors; every
+    other setting comes from a flag, else --config, else the file's hyper_parameters, else
+    torchmil's default, which is then named on one `note:` line (an error with --strict). The file
+    is read with torch.load(weights_only=True): a pickle that tries to run code is refused.
 
     Example:
-        smcli convert smabmil.pt -o model.safetensors --sm-alpha trainable --sm-where early
+        smcli convert smabmil.pt -o model.safetensors --config train_config.json --strict
     """
-    from smcli.checkpoint import ConvertOptions
-    from smcli.checkpoint import convert as convert_checkpoint
+    from smcli.convert import ConvertOptions
+    from smcli.convert import convert as convert_checkpoint
     from smcli.errors import UsageError
 
     try:
@@ -179,17 +203,32 @@ def convert(
         for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
             if value is not None and not value > 0:
                 raise UsageError(f"{name} must be positive, got {value}")
-        options = ConvertOptions(act, sm_mode, alpha, sm_steps, sm_where, patch_size, dist_thr)
+        options = ConvertOptions(
+            act,
+            sm_mode,
+            alpha,
+            sm_steps,
+            sm_where,
+            patch_size,
+            dist_thr,
+            normalize,
+            weights,
+            origin,
+            config,
+            strict,
+        )
         result = convert_checkpoint(state_dict, output, options)
     except SmcliError as err:
         raise _exit_on(err) from None
+    if result.assumed:
+        _stderr(f"note: {state_dict}: assumed torchmil defaults {', '.join(result.assumed)}")
     for note in result.notes:
-        _stderr(f"note: {note}")
+        _stderr(f"note: {state_dict}: {note}")
     pool = result.config.pool
     _stderr(
-        f"smcli: wrote {output} ({'SmABMIL' if result.config.head else 'SmAttentionPool'}, "
-        f"in_dim {pool.in_dim}, att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, "
-        f"alpha {pool.sm_alpha})"
+        f"smcli: wrote {output} from a {result.found} "
+        f"({'SmABMIL' if result.config.head else 'SmAttentionPool'}, in_dim {pool.in_dim}, "
+        f"att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, alpha {pool.sm_alpha})"
     )
 
 
@@ -211,7 +250,7 @@ def convert_bag(
         smcli convert-bag trident/features_uni_v1/slide_01.h5 -o bags/slide_01.safetensors
     """
     from smcli.bags import BagKeys
-    from smcli.h5bags import convert_to_safetensors
+    from smcli.convert_bag import convert_to_safetensors
 
     try:
         bag = convert_to_safetensors(source, output, BagKeys(features_key, coords_key, labels_key), overwrite)
@@ -297,6 +336,8 @@ def _inspect_lines(info: dict) -> list[str]:
             ("sha256", info["sha256"]),
             ("tensors", tensors),
         ]
+        if info["config"].get("assumed"):  # settings `convert` took from torchmil defaults
+            rows.insert(3, ("assumed", ", ".join(info["config"]["assumed"])))
     else:
         low, high = info["coords_min"], info["coords_max"]
         span = f"x {low[0]}..{high[0]}, y {low[1]}..{high[1]}"
@@ -338,34 +379,45 @@ def heatmap(
         Path | None,
         typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="Checkpoint to score bag inputs with."),
     ] = None,
-    column: Annotated[str, typer.Option("--column", help="Table column to draw.")] = "attention_logit",
+    column: ColumnOption = "attention_logit",
     norm: Annotated[str, typer.Option("--norm", help="raw, minmax, rank (percentiles) or log.")] = "rank",
-    labels: Annotated[bool, typer.Option("--labels", help="Outline the patches labelled 1.")] = False,
+    cmap: Annotated[str, typer.Option("--cmap", help="matplotlib colour map name.")] = "inferno",
+    labels: Annotated[bool, typer.Option("--labels", help="Outline the patches labelled 1 (grid).")] = False,
+    slide: Annotated[
+        Path | None,
+        typer.Option("--slide", help="Draw on this slide, or on <bag_id>.* found in this directory."),
+    ] = None,
+    max_side: Annotated[
+        int, typer.Option("--max-side", help="Longer side of the slide picture in pixels.")
+    ] = 2000,
+    alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the colours over the slide.")] = 0.4,
+    top_patches: Annotated[
+        int | None,
+        typer.Option("--top-patches", help="With --slide: cut the K highest patches at level 0, as PNGs."),
+    ] = None,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
     coords_key: CoordsKeyOption = "coords",
     labels_key: LabelsKeyOption = "labels",
 ) -> None:
-    """Draw per-patch attention on the patch grid as PNG, one image per bag, no slide image needed.
+    """Draw per-patch attention as PNG, one image per bag: on the patch grid, or over the slide.
 
-    Dark is low, pale yellow high, light grey no patch. The colour bar is labelled in the --norm's
-    scale; the title shows the bag id and, when known, the bag probability (from the model, or the
-    _bags.csv beside a table). For tables the patch step is --patch-size, else the one the score run
-    recorded, else inferred from x, y.
+    The colour bar is labelled in the --norm's scale; the title shows the bag id and, when known,
+    the bag probability. Without --slide each patch fills its grid cell and a grey checkerboard
+    means no patch. With --slide the patches' level-0 footprints are blended over the slide's
+    thumbnail (--max-side, --alpha); areas without patches show the slide as it is. For tables the
+    patch step is --patch-size, else the one the score run recorded, else inferred from x, y.
 
     Example:
-        smcli heatmap scores/ -o heatmaps/ --norm rank --labels
+        smcli heatmap scores/ -o heatmaps/ --slide slides/ --top-patches 12
     """
     from smcli.bags import BagKeys
-    from smcli.errors import UsageError
     from smcli.heatmap import HeatmapRequest, run_heatmap
 
     failed = False
     try:
-        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
-            if value is not None and not value > 0:
-                raise UsageError(f"{name} must be positive, got {value}")
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         request = HeatmapRequest(
             inputs,
             output,
@@ -376,6 +428,11 @@ def heatmap(
             patch_size,
             dist_thr,
             BagKeys(features_key, coords_key, labels_key),
+            cmap=cmap,
+            slide=slide,
+            max_side=max_side,
+            alpha=alpha,
+            top_patches=top_patches,
         )
         for result in run_heatmap(request):
             for text in result.warnings:
@@ -385,9 +442,87 @@ def heatmap(
                 _stderr(f"error: {result.error}")
             else:
                 _stderr(f"smcli: wrote {result.written}")
+                if result.top:
+                    _stderr(f"smcli: wrote {len(result.top) - 1} top patches and {result.top[-1]}")
     except SmcliError as err:
         raise _exit_on(err) from None
     raise typer.Exit(code=1 if failed else 0)
+
+
+@app.command("geojson")
+def geojson(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Scores tables (.csv/.parquet from `smcli score`), or bags with -m.")
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Directory (one <bag_id>.geojson per bag) or a .geojson for one bag."
+        ),
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="Checkpoint to score bag inputs with."),
+    ] = None,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Classify the K highest-attention patches 'Top attention'.")
+    ] = 10,
+    min_percentile: Annotated[
+        float, typer.Option("--min-percentile", help="Keep only patches at or above this percentile.")
+    ] = 0.0,
+    detection: Annotated[
+        bool, typer.Option("--detection", help="QuPath detections instead of tiles.")
+    ] = False,
+    patch_size: PatchSizeOption = None,
+    dist_thr: DistThrOption = None,
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
+) -> None:
+    """Write per-patch attention as GeoJSON for QuPath: one square tile per patch, in level-0 pixels.
+
+    Each tile carries measurements attention_logit, attention_weight and attention_percentile
+    (colour by them in QuPath); the --top-k highest are classified "Top attention". Drag the file
+    onto the slide in QuPath to see the tiles in place.
+
+    Example:
+        smcli geojson scores/slide_01.csv -o slide_01.geojson --top-k 20 --min-percentile 50
+    """
+    from smcli.bags import BagKeys
+    from smcli.geojson import GeoJsonRequest, run_geojson
+
+    failed = False
+    try:
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
+        request = GeoJsonRequest(
+            inputs,
+            output,
+            model,
+            top_k,
+            min_percentile,
+            "detection" if detection else "tile",
+            patch_size,
+            dist_thr,
+            BagKeys(features_key, coords_key, labels_key),
+        )
+        for result in run_geojson(request):
+            if result.error:
+                failed = True
+                _stderr(f"error: {result.error}")
+            else:
+                _stderr(f"smcli: wrote {result.written} ({result.n_features} tiles)")
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    raise typer.Exit(code=1 if failed else 0)
+
+
+def _check_positive(**values: float | None) -> None:
+    """UsageError for a given --patch-size / --dist-thr that is not a positive number."""
+    from smcli.errors import UsageError
+
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def _parse_alpha(text: str | None):

@@ -9,7 +9,11 @@ without a KD-tree loop and without ever forming an N x N matrix:
 3. weight_ij = d_i^-1/2 * d_j^-1/2 with d the degree; isolated patches keep an empty (zero) row
 4. a one-instance bag gets the 1 x 1 matrix [[1]] (torchmil adds a self loop there).
 
-Only numpy is used here; `Adjacency.to_torch` makes the CSR tensor the model consumes.
+Graph options (`GraphOptions`, from the checkpoint) reproduce the other graphs torchmil's datasets
+build: `origin` "zero" skips step 1's min (TridentWSIDataset), `normalize` false skips step 3
+(norm_adj=False), `weights` "feature_distance" weights edges by the instance features
+(adj_with_dist=True). Only numpy is used here; `Adjacency.to_scipy` makes the CSR matrix the model consumes
+(`to_torch` a torch sparse CSR tensor, for callers that want one).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ DEFAULT_DIST_THR = math.sqrt(2.0)  # the 8-neighbourhood on the patch grid
 GRID_LIMIT = 2.0**40  # cells per axis; beyond this the step is certainly wrong (and int64 keys overflow)
 RASTER_CELLS_PER_PATCH = 16  # the raster path is used while the bounding box stays this compact
 MAX_MEAN_DEGREE = 1000  # more neighbours than this per patch means a patch step far too large
+ORIGINS = ("min", "zero")
+EDGE_WEIGHTS = ("binary", "feature_distance")
+FEATURE_DISTANCE_CHUNK_VALUES = 1 << 22  # edges x feature columns per chunk (16 MiB of float32)
 
 
 class GraphError(ValueError):
@@ -61,6 +68,12 @@ class Adjacency:
     def rows(self) -> np.ndarray:
         """(nnz,) row index of every stored entry."""
         return np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.crow))
+
+    def to_scipy(self):
+        """The matrix as a scipy.sparse CSR matrix (n, n), float64 values (what the model consumes)."""
+        import scipy.sparse
+
+        return scipy.sparse.csr_matrix((self.weight, self.col, self.crow), shape=(self.n, self.n))
 
     def to_torch(self, dtype, device="cpu"):
         """The matrix as a torch sparse CSR tensor of shape (n, n)."""
@@ -207,18 +220,143 @@ def normalized_weights(edge_index: np.ndarray, n: int) -> np.ndarray:
     return inv_sqrt[row].astype(np.float64) * inv_sqrt[col].astype(np.float64)
 
 
-def build_adjacency(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> Adjacency:
-    """Normalized sparse adjacency of a bag from its grid cells (N, 2)."""
-    n = int(cells.shape[0])
-    if n == 1:  # torchmil: a one-instance bag gets a self loop of weight 1
-        return Adjacency(1, np.array([0, 1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1))
+def neighbour_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.ndarray:
+    """(2, E) directed edges sorted by (row, col): the raster path when it applies, else hashing."""
     edge_index = raster_edges(cells, dist_thr)
     if edge_index is None:  # patches sharing cells, or a sparse bounding box: hash the cells
         edge_index = build_edges(cells, dist_thr)
-    weight = normalized_weights(edge_index, n)
+    return edge_index
+
+
+def _self_loop() -> Adjacency:
+    """torchmil: a one-instance bag gets a self loop of weight 1."""
+    return Adjacency(1, np.array([0, 1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1))
+
+
+def _csr(edge_index: np.ndarray, weight: np.ndarray, n: int) -> Adjacency:
     crow = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(edge_index[0], minlength=n), out=crow[1:])
-    return Adjacency(n, crow, np.ascontiguousarray(edge_index[1]), weight)
+    return Adjacency(n, crow, np.ascontiguousarray(edge_index[1]), np.asarray(weight, dtype=np.float64))
+
+
+def build_adjacency(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> Adjacency:
+    """Normalized sparse adjacency of a bag from its grid cells (N, 2)."""
+    n = int(cells.shape[0])
+    if n == 1:
+        return _self_loop()
+    edge_index = neighbour_edges(cells, dist_thr)
+    return _csr(edge_index, normalized_weights(edge_index, n), n)
+
+
+# --- graph options: the other graphs torchmil's datasets build ------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """How a checkpoint's training data built its graphs (torchmil dataset settings).
+
+    normalize: D^-1/2 A D^-1/2 (norm_adj=True) or the raw adjacency (norm_adj=False).
+    weights: "binary" or "feature_distance" (adj_with_dist=True: exp(-||x_i - x_j||_2 / D)).
+    origin: "min" (CAMELYON16MILDataset, PANDAMILDataset: coords / patch_size - column min,
+        truncated) or "zero" (TridentWSIDataset, ProcessedMILDataset: no min subtracted).
+    """
+
+    normalize: bool = True
+    weights: str = "binary"
+    origin: str = "min"
+
+    @property
+    def is_default(self) -> bool:
+        return self == GraphOptions()
+
+
+def grid_cells_with_origin(coords: np.ndarray, patch_size: float, origin: str = "min") -> np.ndarray:
+    """Grid cells as the dataset class named by `origin` computes them. (N, 2) int64, min 0.
+
+    "zero" truncates coords / patch_size without subtracting the column minimum first, so
+    jittered or overlapping coords (a step smaller than the patch) can fall into other cells than
+    under "min". The integer shift applied afterwards changes no distance, hence no edge.
+    """
+    if origin == "min":
+        return grid_cells(coords, patch_size)
+    if origin != "zero":
+        raise ValueError(f"origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+    scaled = np.asarray(coords, dtype=np.float64) / float(patch_size)
+    if scaled.size and not np.abs(scaled).max() < GRID_LIMIT:
+        raise GraphError(f"coords / patch step {patch_size:g} exceed the grid range (check the patch size)")
+    cells = scaled.astype(np.int64)  # truncation toward zero, as numpy's astype(int) in torchmil
+    if cells.size:
+        cells -= cells.min(axis=0)
+    return cells
+
+
+def feature_distance_weights(edge_index: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """exp(-||x_i - x_j||_2 / D) for every directed edge (i, j), in float32, as torchmil's build_adj.
+
+    edge_index: (2, E) int64.  features: (N, D) numpy array (float32 as torchmil trains on).
+    torchmil subtracts in the features' dtype, takes np.linalg.norm and divides by D in float32;
+    here the squared differences are summed in float64 (torchmil's float32 dot rounds differently,
+    by a few float32 ulps at most). Chunked over edges: memory stays O(chunk x D), not O(E x D).
+    Returns (E,) float32.
+    """
+    row, col = edge_index
+    n_edges = row.shape[0]
+    dim = int(features.shape[1])
+    out = np.empty(n_edges, dtype=np.float32)
+    chunk = max(1, FEATURE_DISTANCE_CHUNK_VALUES // max(dim, 1))
+    for start in range(0, n_edges, chunk):
+        stop = min(start + chunk, n_edges)
+        difference = features[row[start:stop]].astype(np.float32) - features[col[start:stop]].astype(
+            np.float32
+        )  # (chunk, D), rounded once as torchmil's float32 subtraction
+        squared = np.einsum("ij,ij->i", difference, difference, dtype=np.float64)  # (chunk,)
+        distance = np.sqrt(squared).astype(np.float32)
+        out[start:stop] = np.exp(-(distance / np.float32(dim)))
+    return out
+
+
+def normalized_edge_weights(edge_index: np.ndarray, edge_weight: np.ndarray, n: int) -> np.ndarray:
+    """D^-1/2 W D^-1/2 for float32 edge weights, in torchmil's precision (all in float32).
+
+    torchmil sums the degrees in float64, casts them to float32 and multiplies
+    d_i^-1/2 * w_ij * d_j^-1/2 left to right in float32.
+    """
+    row, col = edge_index
+    degree = np.bincount(row, weights=edge_weight.astype(np.float64), minlength=n).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv_sqrt = np.power(degree, np.float32(-0.5))
+    inv_sqrt[np.isinf(inv_sqrt)] = 0
+    return inv_sqrt[row] * edge_weight * inv_sqrt[col]
+
+
+def build_adjacency_with(
+    cells: np.ndarray,
+    dist_thr: float,
+    options: GraphOptions,
+    features: np.ndarray | None = None,
+) -> Adjacency:
+    """The sparse adjacency torchmil's dataset with these options builds, from grid cells (N, 2).
+
+    features: (N, D) numpy, needed for weights "feature_distance". A one-instance bag gets the
+    self loop [[1]] in every option (torchmil adds it to the normalized weights; with
+    norm_adj=False its dataset cannot build that bag at all).
+    """
+    if options.weights not in EDGE_WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(EDGE_WEIGHTS)}, got {options.weights!r}")
+    if options.weights == "binary" and options.normalize:
+        return build_adjacency(cells, dist_thr)
+    n = int(cells.shape[0])
+    if n == 1:
+        return _self_loop()
+    edge_index = neighbour_edges(cells, dist_thr)
+    if options.weights == "binary":  # unnormalized: the raw 0/1 matrix
+        return _csr(edge_index, np.ones(edge_index.shape[1]), n)
+    if features is None:
+        raise ValueError("feature_distance weights need the bag's features")
+    weight = feature_distance_weights(edge_index, features)
+    if options.normalize:
+        weight = normalized_edge_weights(edge_index, weight, n)
+    return _csr(edge_index, weight, n)
 
 
 def infer_patch_step(coords: np.ndarray) -> float | None:

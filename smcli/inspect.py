@@ -15,24 +15,10 @@ from typing import Any
 from smcli.bags import BagKeys, is_hdf5, load_bag, resolve_geometry
 from smcli.checkpoint import CONFIG_KEY, LoadedModel, load_model
 from smcli.errors import BagError
-from smcli.graph import DEFAULT_DIST_THR, GraphError, build_adjacency, grid_cells
-from smcli.h5bags import COORDS_UNITS
+from smcli.graph import DEFAULT_DIST_THR, GraphError, build_adjacency, grid_cells_with_origin
+from smcli.readers import COORDS_UNITS
+from smcli.tensorfile import SAFETENSORS_DTYPES, read_metadata
 
-SAFETENSORS_DTYPES = {  # header names -> the numpy/torch names h5 datasets show
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "U16": "uint16",
-    "I16": "int16",
-    "U32": "uint32",
-    "I32": "int32",
-    "U64": "uint64",
-    "I64": "int64",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-}
 STEP_ORIGINS = {
     "flag": "--patch-size",
     "inferred": "smallest step between the coords",
@@ -58,11 +44,8 @@ def _checkpoint_metadata(path: Path) -> dict[str, str] | None:
     """The safetensors metadata if the file is an smcli checkpoint, else None (no tensor read)."""
     if not path.is_file() or is_hdf5(path):
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = read_metadata(path)
     except Exception:  # not safetensors: the bag reader says what it is
         return None
     return metadata if CONFIG_KEY in metadata else None
@@ -100,7 +83,9 @@ def bag_info(
     if dist_thr is None:
         dist_thr = model.config.dist_thr if model is not None else DEFAULT_DIST_THR
     try:
-        cells = grid_cells(bag.coords, geometry.patch_step)
+        # the model's grid origin decides the cells (and so the edges); weights do not change them
+        origin = model.config.graph.origin if model is not None else "min"
+        cells = grid_cells_with_origin(bag.coords, geometry.patch_step, origin)
         adjacency = build_adjacency(cells, dist_thr)
     except GraphError as err:
         raise BagError(f"{path}: {err}") from None
@@ -126,7 +111,7 @@ def bag_info(
         "tensors": list_tensors(path),
         "n_instances": bag.n_instances,
         "feature_dim": int(bag.features.shape[1]),
-        "features_dtype": str(bag.features.dtype).replace("torch.", ""),
+        "features_dtype": bag.features_dtype,
         "coords_dtype": str(bag.coords.dtype),
         "coords_units": units,
         "coords_min": [_number(v) for v in bag.coords.min(axis=0)],
@@ -152,7 +137,7 @@ def bag_info(
 def list_tensors(path: Path) -> list[dict[str, Any]]:
     """Name, shape and dtype of every tensor (safetensors) or dataset (HDF5), read from headers only."""
     if is_hdf5(path):
-        from smcli.h5bags import dataset_names, import_h5py
+        from smcli.readers.h5 import dataset_names, import_h5py
 
         h5py = import_h5py(path)
         with h5py.File(path, "r") as handle:
@@ -162,7 +147,7 @@ def list_tensors(path: Path) -> list[dict[str, Any]]:
             ]
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(path), framework="numpy") as handle:
         rows = []
         for name in sorted(handle.keys()):
             piece = handle.get_slice(name)
@@ -179,7 +164,7 @@ def list_tensors(path: Path) -> list[dict[str, Any]]:
 
 def h5_attributes(path: Path) -> dict[str, dict[str, Any]]:
     """Attributes of the file root ('/') and of every dataset that has some, JSON-ready."""
-    from smcli.h5bags import dataset_names, import_h5py
+    from smcli.readers.h5 import dataset_names, import_h5py
 
     h5py = import_h5py(path)
     found: dict[str, dict[str, Any]] = {}

@@ -3,309 +3,620 @@
 Paper: "Sm: enhanced localization in Multiple Instance Learning for medical imaging
 classification", NeurIPS 2024, https://arxiv.org/abs/2410.03276.
 
-The modules here load a torchmil state dict with `load_state_dict(strict=True)`. Their
-`forward_reference` follows torchmil's forward line by line (useful as a check); `attention` is the
-production path. It uses that Sm is linear and acts on the instance axis while the projections
-act on the feature axis, so
+The math is written once, against an array API namespace (`backend.xp`): numpy on the CPU (no
+torch import), torch on CUDA; the sparse product is the backend's one hook (smcli.backends). The
+parameters live on the host as numpy arrays under torchmil's state-dict names, so a torchmil
+state dict loads with `load_state_dict(strict=True)`; spectral norm is applied once, in eval mode
+(sigma = u . W v from the stored u, v, as torch.nn.utils.parametrizations.spectral_norm does).
+
+`attention` is the production path. It uses that Sm is linear and acts on the instance axis while
+the projections act on the feature axis, so
 
     Sm(X) W1^T = Sm(X W1^T)                     (early: smooth att_dim columns, not in_dim)
     w_head . (Sm(X)^T s) = s . (Sm(X) w_head) = s . Sm(X w_head)    (a scalar, transposed)
 
 proj1's bias is added after smoothing, never smoothed: Sm of a constant is not that constant on a
-normalized graph with boundaries.
+normalized graph with boundaries. `forward_reference` follows torchmil's forward line by line.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import cast
+from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
+
+from smcli.backends import Backend, backend_of, get_backend
+from smcli.errors import SmcliError
 
 Alpha = float | str
 
 SM_WHERE = ("early", "mid", "late", "none")
 SM_MODES = ("approx", "exact")
-ACTIVATIONS = {
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "gelu": torch.nn.functional.gelu,
-}
+ACTIVATIONS = ("tanh", "relu", "gelu")
 
 SOLVE_RTOL = 1e-10  # bound on the relative error (energy norm) of the exact solve, in float64
 SOLVE_BLOCK_COLUMNS = 32  # columns solved together: amortizes the sparse reads, stays in cache
+MAX_SOLVE_STEPS = 1000  # ~ coef 2500 on a normalized graph; beyond, refuse instead of running minutes
+RESIDUAL_RTOL = 1e-6  # ||M g - f|| / ||f|| accepted after the solve (float64; scores are float32)
+BOUND_MARGIN = 1e-12  # relative slack on the spectral bound: rounding in the row sums
 
 
-class SmSolveError(RuntimeError):
-    """The exact Sm system cannot be solved reliably (not SPD, or no convergence)."""
+class SmSolveError(SmcliError):
+    """The exact Sm system cannot be solved reliably (not provably SPD, no convergence, bad coef)."""
 
 
-class _SmCoefficient(torch.nn.Module):
-    """Holds torchmil's `coef`: a trainable scalar parameter, or the float 1/(1-alpha) - 1."""
-
-    def __init__(self, alpha: Alpha) -> None:
-        super().__init__()
-        self.coef: torch.nn.Parameter | float
-        if alpha == "trainable":
-            self.coef = torch.nn.Parameter(torch.tensor(1.0))
-        elif isinstance(alpha, float):
-            self.coef = 1.0 / (1.0 - alpha) - 1
-        else:
-            raise ValueError("alpha must be a float or 'trainable'")
+# --------------------------------------------------------------------------------------------
+# the adjacency, prepared for a backend
 
 
-class Sm(torch.nn.Module):
-    """The Sm operator on an unbatched signal f: (N, C) with a sparse CSR adjacency A: (N, N).
+class SmGraph:
+    """A sparse adjacency (N, N) prepared for one backend.
+
+    host: scipy.sparse CSR with the values as given (float64 for smcli's graphs). The backend's
+    matrices are made per dtype on first use; symmetry and the spectral bound are computed on the
+    host, once, when the exact solver asks.
+    """
+
+    def __init__(self, host: Any, backend: Backend, symmetric: bool | None = None) -> None:
+        self.host = host
+        self.backend = backend
+        self._symmetric = symmetric
+        self._matrices: dict[Any, Any] = {}
+        self._bound: float | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.host.shape[0])
+
+    def matrix(self, dtype: Any) -> Any:
+        if dtype not in self._matrices:
+            self._matrices[dtype] = self.backend.sparse(self.host, dtype)
+        return self._matrices[dtype]
+
+    @property
+    def symmetric(self) -> bool:
+        if self._symmetric is None:
+            self._symmetric = is_symmetric(self.host)
+        return self._symmetric
+
+    @property
+    def spectral_bound(self) -> float:
+        if self._bound is None:
+            self._bound = spectral_bound(self.host)
+        return self._bound
+
+
+def as_graph(adj: Any, backend: Backend, symmetric: bool | None = None) -> SmGraph:
+    """An SmGraph from smcli's Adjacency, a scipy.sparse matrix, or a torch sparse tensor."""
+    if isinstance(adj, SmGraph):
+        if adj.backend.name == backend.name:
+            return adj
+        adj = adj.host
+    return SmGraph(host_csr(adj), backend, symmetric)
+
+
+def host_csr(adj: Any):
+    """scipy.sparse CSR (N, N) with sorted indices from any of the accepted adjacency types."""
+    import scipy.sparse
+
+    if hasattr(adj, "to_scipy"):  # smcli.graph.Adjacency
+        return adj.to_scipy()
+    if scipy.sparse.issparse(adj):
+        matrix = scipy.sparse.csr_matrix(adj)
+    else:  # a torch sparse (COO or CSR) tensor, e.g. from torchmil's utilities
+        csr = adj.detach().cpu().to_sparse_csr()
+        matrix = scipy.sparse.csr_matrix(
+            (csr.values().double().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()),
+            shape=tuple(csr.shape),
+        )
+    matrix.sum_duplicates()
+    return matrix
+
+
+def is_symmetric(matrix: Any) -> bool:
+    """True if the host sparse matrix equals its transpose (indices and values), in O(nnz)."""
+    if matrix.shape[0] != matrix.shape[1]:
+        return False
+    return (matrix != matrix.T).nnz == 0
+
+
+def spectral_bound(matrix: Any) -> float:
+    """An upper bound on |lambda| over the eigenvalues of a sparse matrix A: (N, N).
+
+    rho(A) <= rho(|A|) <= max_i (|A| w)_i / w_i for any positive w (Collatz-Wielandt). w = 1 is
+    Gershgorin's bound, the largest absolute row sum (8 for a binary 8-neighbour grid); w =
+    sqrt(entries per row) gives exactly 1 for torchmil's D^-1/2 A D^-1/2 of a binary graph, whose
+    row sums can exceed 1. The smaller of the two, with a little slack for rounding.
+    """
+    if matrix.nnz == 0:
+        return 0.0
+    magnitude = abs(matrix).astype(np.float64)
+    gershgorin = float(np.asarray(magnitude.sum(axis=1)).max())
+    counts = np.diff(matrix.indptr).astype(np.float64)
+    w = np.sqrt(np.maximum(counts, 1.0))
+    weighted = float(np.max((magnitude @ w) / w))
+    return min(gershgorin, weighted) * (1.0 + BOUND_MARGIN)
+
+
+# --------------------------------------------------------------------------------------------
+# the Sm operator
+
+
+@dataclass(frozen=True)
+class Sm:
+    """The Sm operator on an unbatched signal f: (N, C) over an adjacency A: (N, N).
 
     approx: g <- (1 - a) f + a A g, `num_steps` times from g = f, with a = 1 / (1 + coef).
     exact:  solve ((1 + coef) I - coef A) g = f  (Chebyshev iteration, float64).
     """
 
-    def __init__(self, alpha: Alpha = "trainable", num_steps: int = 10, mode: str = "approx"):
-        super().__init__()
-        if mode not in SM_MODES:
-            raise ValueError("mode must be 'approx' or 'exact'")
-        self.mode = mode
-        self.num_steps = num_steps
-        self.sm = _SmCoefficient(alpha)  # state-dict key: sm.coef, as torchmil's Sm.sm.coef
+    coef: float
+    num_steps: int = 10
+    mode: str = "approx"
 
-    @property
-    def coef(self) -> float:
-        coef = self.sm.coef
-        return float(coef.detach()) if isinstance(coef, Tensor) else float(coef)
-
-    def forward(self, f: Tensor, adj: Tensor, symmetric: bool = False) -> Tensor:
-        """`symmetric=True` vouches that adj is symmetric (skips exact mode's check)."""
+    def __call__(self, f: Any, graph: SmGraph) -> Any:
         if self.mode == "approx":
-            return approx_sm(f, adj, self.coef, self.num_steps)
-        return exact_sm(f, adj, self.coef, symmetric=symmetric)
+            return approx_sm(f, graph, self.coef, self.num_steps)
+        return exact_sm(f, graph, self.coef)
 
 
-def approx_sm(f: Tensor, adj: Tensor, coef: float, num_steps: int) -> Tensor:
+def _graph_for(f: Any, adj: Any, symmetric: bool | None = None) -> SmGraph:
+    if isinstance(adj, SmGraph):
+        return adj
+    return as_graph(adj, backend_of(f), symmetric)
+
+
+def approx_sm(f: Any, adj: Any, coef: float, num_steps: int) -> Any:
     """num_steps of g <- (1 - a) f + a A g with a = 1 / (1 + coef), from g = f, in f's dtype.
 
-    f: (N, C).  Two buffers are reused across steps (fresh 100 MB arrays per step cost more in
-    page faults than the arithmetic).
+    f: (N, C) C-contiguous.  Two buffers are reused across steps (fresh 100 MB arrays per step
+    cost more in page faults than the arithmetic).
     """
-    a = 1.0 / (1.0 + coef)
+    graph = _graph_for(f, adj)
+    backend, xp = graph.backend, graph.backend.xp
     if num_steps <= 0:
-        return f.clone()
-    g = torch.addmm(f, adj, f, beta=1.0 - a, alpha=a)  # the first step, from g = f  (N, C)
-    spare = torch.empty_like(f)
+        return xp.asarray(f, copy=True)
+    a = 1.0 / (1.0 + coef)
+    matrix = graph.matrix(f.dtype)
+    g = backend.addmm(f, matrix, f, beta=1.0 - a, alpha=a)  # the first step, from g = f  (N, C)
+    spare = xp.empty_like(g)
     for _ in range(num_steps - 1):
-        torch.addmm(f, adj, g, beta=1.0 - a, alpha=a, out=spare)
+        backend.addmm(f, matrix, g, beta=1.0 - a, alpha=a, out=spare)
         g, spare = spare, g
     return g
 
 
-def exact_sm(
-    f: Tensor, adj: Tensor, coef: float, rtol: float = SOLVE_RTOL, symmetric: bool = False
-) -> Tensor:
+def chebyshev_steps(low: float, high: float, rtol: float = SOLVE_RTOL) -> int:
+    """Steps for Chebyshev iteration to reach rtol (energy norm) on a spectrum in [low, high] > 0.
+
+    The error shrinks at least as 2 rho^k with rho = (sqrt(kappa) - 1) / (sqrt(kappa) + 1).
+    """
+    kappa = high / low
+    if kappa <= 1.0 + 1e-14:  # M is a multiple of I to working precision: x0 = f / centre is exact
+        return 0
+    root = math.sqrt(kappa)
+    rho = (root - 1.0) / (root + 1.0)
+    return max(1, math.ceil(math.log(rtol / (2.0 * root)) / math.log(rho)))
+
+
+def exact_sm(f: Any, adj: Any, coef: float, rtol: float = SOLVE_RTOL, symmetric: bool | None = None) -> Any:
     """Solve ((1 + coef) I - coef A) g = f for all columns of f: (N, C) at once, in float64.
 
-    A is the symmetric normalized adjacency, so its eigenvalues lie in [-1, 1] and those of the
-    system matrix M in [1, 1 + 2 coef] (coef >= 0; [1 + 2 coef, 1] for -1/2 < coef < 0): M is
-    symmetric positive definite with condition number kappa <= 1 + 2|coef|. Knowing that interval,
-    Chebyshev iteration converges as fast as conjugate gradient's worst case, 2 rho^k with
-    rho = (sqrt(kappa) - 1) / (sqrt(kappa) + 1), without CG's inner products: each step is one
-    sparse product and three in-place vector updates on reused buffers (the solve is memory-bound).
-    The step count is fixed in advance from that bound, so the result is deterministic.
+    For a symmetric A with |eigenvalues| <= r (spectral_bound: 1 for torchmil's normalized graphs,
+    up to the largest degree for a binary one), the eigenvalues of M lie in
+    [1 + coef - |coef| r, 1 + coef + |coef| r]. When that interval is positive, M is symmetric
+    positive definite and Chebyshev iteration on it converges as fast as conjugate gradient's
+    worst case, without CG's inner products: each step is one sparse product and in-place vector
+    updates on reused buffers (the solve is memory-bound). The step count is fixed in advance from
+    the bound, so the result is deterministic; the residual is checked at the end.
+    Raises SmSolveError when the interval is not positive, the step count would be absurd, coef is
+    not finite, A is not symmetric, or the residual is not small.
     """
-    if not coef > -0.5:
-        raise SmSolveError(
-            f"exact Sm needs coef > -0.5 for a positive definite system, the model has {coef:.6g}"
-        )
-    if not symmetric and not is_symmetric(adj):
+    graph = _graph_for(f, adj, symmetric)
+    backend, xp = graph.backend, graph.backend.xp
+    if not math.isfinite(coef):
+        raise SmSolveError(f"exact Sm needs a finite coef, the model has {coef}")
+    if not graph.symmetric:
         raise SmSolveError("exact Sm needs a symmetric adjacency; this one is not")
-    if coef == 0:
-        return f.clone()
-    adj64 = adj.to(torch.float64)
-    low, high = sorted((1.0, 1.0 + 2.0 * coef))  # spectrum of M
-    kappa = high / low
-    rho = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
-    steps = max(1, math.ceil(math.log(rtol / (2 * math.sqrt(kappa))) / math.log(rho)))
-    out = torch.empty_like(f)
+    bound = graph.spectral_bound
+    centre, spread = 1.0 + coef, abs(coef) * bound
+    low, high = centre - spread, centre + spread
+    if not low > 0:
+        raise SmSolveError(
+            f"exact Sm with coef {coef:.6g}: (1 + coef) I - coef A is not provably positive definite "
+            f"(the adjacency's eigenvalues are bounded by {bound:.6g}; a normalized graph has 1)"
+        )
+    steps = chebyshev_steps(low, high, rtol)
+    if steps > MAX_SOLVE_STEPS:
+        raise SmSolveError(
+            f"exact Sm with coef {coef:.6g}: the system is too ill-conditioned (condition number up to "
+            f"{high / low:.3g}, {steps} solver steps); refusing rather than running for minutes"
+        )
+    if coef == 0 or f.shape[1] == 0:
+        return xp.asarray(f, copy=True)
+    adj64 = graph.matrix(xp.float64)
+    out = xp.empty_like(f)
     for start in range(0, f.shape[1], SOLVE_BLOCK_COLUMNS):  # bounded float64 working set
-        block = f[:, start : start + SOLVE_BLOCK_COLUMNS]
-        out[:, start : start + SOLVE_BLOCK_COLUMNS] = _chebyshev(block, adj64, coef, low, high, steps)
+        block = xp.astype(f[:, start : start + SOLVE_BLOCK_COLUMNS], xp.float64, copy=True)
+        solution = _chebyshev(backend, block, adj64, coef, low, high, steps)
+        _check_residual(backend, block, adj64, coef, solution)
+        out[:, start : start + SOLVE_BLOCK_COLUMNS] = xp.astype(solution, f.dtype)
     return out
 
 
-def _chebyshev(f: Tensor, adj64: Tensor, coef: float, low: float, high: float, steps: int) -> Tensor:
+def _chebyshev(backend: Backend, f: Any, adj64: Any, coef: float, low: float, high: float, steps: int) -> Any:
     """Chebyshev iteration (Saad, Iterative Methods, alg. 12.1) for M g = f, M = (1+coef) I - coef A.
 
-    The direction d is kept as scale * unscaled so that its update is a single in-place pass.
+    f: (N, C) float64, C-contiguous. The direction d is kept as scale * unscaled so that its
+    update is a single in-place pass.
     """
+    xp = backend.xp
+    x = f / (1.0 + coef)  # exact where A vanishes (isolated patches)
+    if steps == 0:
+        return x
     centre, half_width = (high + low) / 2, (high - low) / 2
     sigma = centre / half_width
-    x = f.to(torch.float64) / (1.0 + coef)  # exact where A vanishes (isolated patches)
-    residual = torch.mm(adj64, x).mul_(coef)  # r0 = f - M x0 = coef A x0, (N, C)
-    unscaled, scale = residual.clone(), 1.0 / centre  # d0 = r0 / centre
-    product = torch.empty_like(x)
+    residual = backend.addmm(x, adj64, x, beta=0.0, alpha=coef)  # r0 = f - M x0 = coef A x0, (N, C)
+    unscaled, scale = xp.asarray(residual, copy=True), 1.0 / centre  # d0 = r0 / centre
+    product = xp.empty_like(x)
     ratio = 1.0 / sigma
     for _ in range(steps):
-        x.add_(unscaled, alpha=scale)
+        backend.axpy(x, unscaled, scale)
         # M d = scale * ((1 + coef) u - coef A u)
-        torch.addmm(unscaled, adj64, unscaled, beta=(1.0 + coef) * scale, alpha=-coef * scale, out=product)
-        residual -= product
+        backend.addmm(unscaled, adj64, unscaled, beta=(1.0 + coef) * scale, alpha=-coef * scale, out=product)
+        backend.axpy(residual, product, -1.0)
         next_ratio = 1.0 / (2.0 * sigma - ratio)
         # d' = next_ratio ratio d + (2 next_ratio / half_width) r
         decay = next_ratio * ratio
-        unscaled.add_(residual, alpha=2.0 * next_ratio / half_width / (decay * scale))
+        backend.axpy(unscaled, residual, 2.0 * next_ratio / half_width / (decay * scale))
         scale *= decay
         ratio = next_ratio
-    x.add_(unscaled, alpha=scale)
-    return x.to(f.dtype)
+    backend.axpy(x, unscaled, scale)
+    return x
 
 
-def is_symmetric(adj: Tensor) -> bool:
-    """True if the sparse matrix equals its transpose (indices and values), checked in O(nnz)."""
-    coo = adj.to_sparse_coo().coalesce()
-    transposed = coo.t().coalesce()
-    return bool(
-        torch.equal(coo.indices(), transposed.indices()) and torch.equal(coo.values(), transposed.values())
-    )
+def _check_residual(backend: Backend, f: Any, adj64: Any, coef: float, g: Any) -> None:
+    """Raise SmSolveError unless ||M g - f|| <= RESIDUAL_RTOL ||f|| (one more sparse product)."""
+    xp = backend.xp
+    applied = backend.addmm(g, adj64, g, beta=1.0 + coef, alpha=-coef)  # M g
+    backend.axpy(applied, f, -1.0)
+    residual = float(xp.sqrt(xp.sum(applied * applied)))
+    scale = float(xp.sqrt(xp.sum(f * f)))
+    if not residual <= RESIDUAL_RTOL * scale:
+        relative = residual / scale if scale > 0 else math.inf
+        raise SmSolveError(f"exact Sm did not converge (relative residual {relative:.3g}, coef {coef:.6g})")
+
+
+# --------------------------------------------------------------------------------------------
+# the pool and the head
 
 
 @dataclass
 class Attention:
-    """Scores of one bag. attention_logit: (N,) torchmil's f; bag_logit: head output or None."""
+    """Scores of one bag. attention_logit: (N,) torchmil's f (a backend array); bag_logit: head or None."""
 
-    attention_logit: Tensor
+    attention_logit: Any
     bag_logit: float | None
 
 
-class SmAttentionPool(torch.nn.Module):
-    """torchmil's SmAttentionPool, unbatched. X: (N, in_dim), adj: sparse CSR (N, N)."""
+def softmax(values: Any, xp: Any) -> Any:
+    """softmax over a 1-D array (N,), shifted by its maximum as torch.softmax is."""
+    shifted = xp.exp(values - xp.max(values))
+    return shifted / xp.sum(shifted)
 
-    def __init__(
-        self,
-        in_dim: int,
-        att_dim: int = 128,
-        act: str = "gelu",
-        sm_mode: str = "approx",
-        sm_alpha: Alpha = "trainable",
-        sm_steps: int = 10,
-        sm_where: str = "early",
-        spectral_norm: bool = False,
-    ) -> None:
-        super().__init__()
-        if act not in ACTIVATIONS:
-            raise ValueError("act must be 'tanh', 'relu' or 'gelu'")
-        if sm_where not in SM_WHERE:
-            raise ValueError("sm_where must be 'early', 'mid', 'late' or 'none'")
-        self.sm_where = sm_where
-        self.act = act
-        self.act_fn = ACTIVATIONS[act]
-        # torchmil: no Sm at all for zero steps, alpha 0 or sm_where 'none'
-        smoothing = sm_steps > 0 and sm_alpha not in (0.0, 0) and sm_where != "none"
-        self.sm: torch.nn.Module = (
-            Sm(alpha=sm_alpha, num_steps=sm_steps, mode=sm_mode) if smoothing else torch.nn.Identity()
+
+def activate(hidden: Any, act: str, backend: Backend) -> Any:
+    """tanh, relu or exact (erf) GELU, as torch computes them; `hidden` may be overwritten."""
+    xp = backend.xp
+    if act == "tanh":
+        return xp.tanh(hidden)
+    if act == "relu":
+        return xp.clip(hidden, min=0.0)
+    gate = hidden * (1.0 / math.sqrt(2.0))  # gelu(x) = x * 0.5 * (1 + erf(x / sqrt 2))
+    gate = backend.erf(gate)
+    gate += 1.0
+    gate *= hidden
+    gate *= 0.5
+    return gate
+
+
+def _linear_init(rng: np.random.Generator, out_dim: int, in_dim: int) -> np.ndarray:
+    """torch.nn.Linear's default range, U(-1/sqrt(in), 1/sqrt(in)), from a numpy generator."""
+    bound = 1.0 / math.sqrt(in_dim)
+    return rng.uniform(-bound, bound, size=(out_dim, in_dim)).astype(np.float32)
+
+
+def _bias_init(rng: np.random.Generator, out_dim: int, in_dim: int) -> np.ndarray:
+    bound = 1.0 / math.sqrt(in_dim)
+    return rng.uniform(-bound, bound, size=out_dim).astype(np.float32)
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    vector = rng.standard_normal(n)
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def spectral_normalized(original: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Eval-mode spectral norm: W / sigma with sigma = u . (W v), from the stored u, v (float32)."""
+    sigma = np.vdot(u, original @ v)
+    return original / sigma
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (without importing torch here) or array-like as a host numpy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+class _Parameters:
+    """Named host arrays with torchmil's state-dict names; a backend copy of the derived weights."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.backend: Backend = get_backend("cpu")
+        self._on_device: dict[bool, dict[str, Any]] = {}  # with head?  -> weights on the backend
+
+    @property
+    def device(self) -> str:
+        return self.backend.name
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(value.shape) for name, value in self.params.items()}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {name: value.copy() for name, value in self.params.items()}
+
+    def load_state_dict(self, tensors: dict[str, Any], strict: bool = True) -> None:
+        """Copy tensors (numpy or torch) in, as float32; names and shapes must match exactly."""
+        missing = sorted(set(self.params) - set(tensors))
+        unexpected = sorted(set(tensors) - set(self.params))
+        if strict and (missing or unexpected):
+            raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+        loaded = {}
+        for name in set(self.params) & set(tensors):
+            value = to_numpy(tensors[name])
+            if tuple(value.shape) != self.params[name].shape:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {self.params[name].shape}")
+            loaded[name] = np.array(value, dtype=np.float32)
+        self.params.update(loaded)
+        self._on_device.clear()
+
+    def to(self, device: str) -> _Parameters:
+        if device != self.backend.name:
+            self.backend = get_backend(device)
+            self._on_device.clear()
+        return self
+
+    def eval(self) -> _Parameters:
+        return self  # eval mode is the only mode: spectral norm from the stored u, v
+
+    def weight(self, layer: str) -> np.ndarray:
+        """A layer's weight as used in the forward: spectral-normalized when parametrized."""
+        if f"{layer}.weight" in self.params:
+            return self.params[f"{layer}.weight"]
+        prefix = f"{layer}.parametrizations.weight"
+        return spectral_normalized(
+            self.params[f"{prefix}.original"], self.params[f"{prefix}.0._u"], self.params[f"{prefix}.0._v"]
         )
-        self.proj1 = torch.nn.Linear(in_dim, att_dim)
-        self.proj2 = torch.nn.Linear(att_dim, 1, bias=False)
-        if spectral_norm:
 
-            def wrap(layer: torch.nn.Linear) -> torch.nn.Linear:
-                # still a Linear (a parametrized subclass): .weight is W / sigma
-                return cast(torch.nn.Linear, torch.nn.utils.parametrizations.spectral_norm(layer))
 
-            if sm_where == "mid":
-                self.proj2 = wrap(self.proj2)
-            elif sm_where in ("early", "none"):
-                self.proj1 = wrap(self.proj1)
-                self.proj2 = wrap(self.proj2)
-        self.eval()  # eval-mode spectral norm: sigma from the stored u, v, no power iteration
+@dataclass(frozen=True)
+class PoolConfig:
+    """SmAttentionPool constructor arguments (torchmil 1.0.2 names and defaults)."""
 
-    def smooth(self, values: Tensor, adj: Tensor, symmetric: bool = False) -> Tensor:
-        if isinstance(self.sm, Sm):
-            return self.sm(values, adj, symmetric)
-        return values
+    in_dim: int
+    att_dim: int = 128
+    act: str = "gelu"
+    sm_mode: str = "approx"
+    sm_alpha: Alpha = "trainable"
+    sm_steps: int = 10
+    sm_where: str = "early"
+    spectral_norm: bool = False
 
-    @torch.no_grad()
-    def forward_reference(self, X: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
-        """torchmil's forward, step by step. Returns z: (in_dim,) and f: (N,)."""
-        if self.sm_where == "early":
-            X = self.smooth(X, adj)  # (N, in_dim)
-        H = self.proj1(X)  # (N, att_dim)
-        if self.sm_where == "mid":
-            H = self.smooth(H, adj)
-        H = self.act_fn(H)
-        f = self.proj2(H)  # (N, 1)
-        if self.sm_where == "late":
-            f = self.smooth(f, adj)
-        s = torch.softmax(f, dim=0)  # (N, 1)
-        z = X.T @ s  # (in_dim, 1)
-        return z.squeeze(-1), f.squeeze(-1)
 
-    @torch.no_grad()
+class SmAttentionPool(_Parameters):
+    """torchmil's SmAttentionPool, unbatched. X: (N, in_dim), adj: (N, N) sparse.
+
+    Parameters start as torch.nn.Linear's default ranges from numpy's generator seeded with `seed`
+    (and coef 1.0, torchmil's start); load a state dict to score with trained weights.
+    """
+
+    def __init__(self, config: PoolConfig, seed: int = 0) -> None:
+        super().__init__()
+        if config.act not in ACTIVATIONS:
+            raise ValueError("act must be 'tanh', 'relu' or 'gelu'")
+        if config.sm_where not in SM_WHERE:
+            raise ValueError("sm_where must be 'early', 'mid', 'late' or 'none'")
+        if config.sm_mode not in SM_MODES:
+            raise ValueError("mode must be 'approx' or 'exact'")
+        if config.sm_alpha != "trainable" and not isinstance(config.sm_alpha, float):
+            raise ValueError("alpha must be a float or 'trainable'")
+        self.config = config
+        self.att_dim, self.act, self.sm_where = config.att_dim, config.act, config.sm_where
+        rng = np.random.default_rng(seed)
+        # torchmil: no Sm at all for zero steps, alpha 0 or sm_where 'none'
+        self.smoothing = config.sm_steps > 0 and config.sm_alpha not in (0.0, 0) and config.sm_where != "none"
+        if self.smoothing and config.sm_alpha == "trainable":
+            self.params["sm.sm.coef"] = np.array(1.0, dtype=np.float32)
+        # torchmil wraps proj1 and proj2 for early/none, proj2 only for mid, nothing for late
+        wrapped = {"proj1": config.sm_where in ("early", "none"), "proj2": config.sm_where != "late"}
+        for layer, out_dim, in_dim in (
+            ("proj1", config.att_dim, config.in_dim),
+            ("proj2", 1, config.att_dim),
+        ):
+            weight = _linear_init(rng, out_dim, in_dim)
+            if config.spectral_norm and wrapped[layer]:
+                prefix = f"{layer}.parametrizations.weight"
+                self.params[f"{prefix}.original"] = weight
+                self.params[f"{prefix}.0._u"] = _unit(rng, out_dim)
+                self.params[f"{prefix}.0._v"] = _unit(rng, in_dim)
+            else:
+                self.params[f"{layer}.weight"] = weight
+            if layer == "proj1":
+                self.params["proj1.bias"] = _bias_init(rng, out_dim, in_dim)
+
+    @property
+    def sm(self) -> Sm | None:
+        """The Sm operator with the current coef, or None when the model has no Sm."""
+        if not self.smoothing:
+            return None
+        alpha = self.config.sm_alpha
+        if alpha == "trainable":
+            coef = float(self.params["sm.sm.coef"])
+        else:
+            coef = 1.0 / (1.0 - float(alpha)) - 1
+        return Sm(coef, self.config.sm_steps, self.config.sm_mode)
+
+    def _weights(self, head: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """The forward's weights on the backend, computed once per backend and load."""
+        if (head is not None) not in self._on_device:
+            proj1 = self.weight("proj1")
+            stacked = proj1 if head is None else np.concatenate([proj1, head["weight"]])
+            asarray = self.backend.asarray
+            weights = {
+                "stacked": asarray(np.ascontiguousarray(stacked)),  # (att_dim [+ 1], in_dim)
+                "proj1": asarray(proj1),
+                "bias": asarray(self.params["proj1.bias"]),
+                "proj2": asarray(self.weight("proj2")),  # (1, att_dim)
+            }
+            if head is not None:
+                weights["head_bias"] = float(head["bias"][0])
+            self._on_device[head is not None] = weights
+        return self._on_device[head is not None]
+
+    def _smooth(self, values: Any, graph: SmGraph) -> Any:
+        sm = self.sm
+        return values if sm is None else sm(values, graph)
+
     def attention(
         self,
-        X: Tensor,
-        adj: Tensor,
-        head: torch.nn.Linear | None = None,
+        X: Any,
+        adj: Any,
+        head: dict[str, np.ndarray] | None = None,
         chunk_rows: int = 16384,
         symmetric: bool | None = None,
     ) -> Attention:
         """Production path: attention logits f (N,) and, with a head, the bag logit.
 
-        X may be float16/bfloat16: it is converted to float32 chunk by chunk, never all at once.
-        symmetric: whether adj is symmetric (smcli's graphs are); None checks it when it matters.
+        X: (N, in_dim) host numpy (or a backend array) in float16/float32/float64: converted to
+        float32 chunk by chunk, never all at once. adj: smcli's Adjacency, scipy.sparse or torch
+        sparse (N, N). symmetric: whether adj is symmetric (smcli's graphs are); None checks it
+        when it matters (exact mode).
         """
-        if symmetric is None:  # only exact mode needs it (a symmetric positive definite solve)
-            symmetric = not (isinstance(self.sm, Sm) and self.sm.mode == "exact") or is_symmetric(adj)
-        weight1 = self.proj1.weight  # (att_dim, in_dim), spectral norm applied
-        att_dim = weight1.shape[0]
-        weights = weight1 if head is None else torch.cat([weight1, head.weight])
-        weights = weights.to(torch.float32)
-        projected = torch.empty(X.shape[0], weights.shape[0], dtype=torch.float32, device=X.device)
-        # Every chunk is copied into one freshly allocated (so 64-byte aligned) buffer before the
-        # GEMM: on some CPUs (seen on AMD EPYC) a float32 GEMM gives different last bits when its
-        # input is not 16-byte aligned, and where the features sit depends on the file format
-        # (safetensors header length, h5 reads). The copy makes the bits independent of that.
-        staging = torch.empty(min(chunk_rows, X.shape[0]), X.shape[1], dtype=torch.float32, device=X.device)
-        for start in range(0, X.shape[0], chunk_rows):
-            chunk = X[start : start + chunk_rows]
+        backend, xp = self.backend, self.backend.xp
+        graph = as_graph(adj, backend, symmetric)
+        weights = self._weights(head)
+        stacked = weights["stacked"]
+        n, in_dim = X.shape
+        projected = backend.empty((n, stacked.shape[0]), xp.float32)  # (N, att_dim [+ 1])
+        # Every chunk is copied into one reused, 64-byte aligned buffer before the GEMM: on some
+        # CPUs (seen on AMD EPYC) a float32 GEMM gives different last bits when its input is not
+        # 16-byte aligned, and where the features sit depends on the file format (safetensors
+        # header length, h5 reads). The copy makes the bits independent of that.
+        staging = backend.empty((min(chunk_rows, n), in_dim), xp.float32)
+        for start in range(0, n, chunk_rows):
+            chunk = backend.asarray(X[start : start + chunk_rows])
             rows = staging[: chunk.shape[0]]
-            rows.copy_(chunk)  # converts float16/bfloat16/float64 on the way
-            torch.mm(rows, weights.T, out=projected[start : start + chunk_rows])  # (rows, att+1)
+            rows[...] = chunk  # converts float16/float64 on the way
+            projected[start : start + chunk_rows] = xp.matmul(rows, stacked.T)  # (rows, att [+ 1])
+        del staging
 
         if self.sm_where == "early":
-            projected = self.smooth(projected, adj, symmetric)  # Sm(X) W^T = Sm(X W^T)
-        hidden = projected[:, :att_dim] + self.proj1.bias  # (N, att_dim)
+            projected = self._smooth(projected, graph)  # Sm(X) W^T = Sm(X W^T)
+        hidden = projected[:, : self.att_dim] + weights["bias"]  # (N, att_dim)
         if self.sm_where == "mid":
-            hidden = self.smooth(hidden, adj, symmetric)
-        f = torch.mm(self.act_fn(hidden), self.proj2.weight.T)  # (N, 1)
+            hidden = self._smooth(hidden, graph)
+        f = xp.matmul(activate(hidden, self.act, backend), weights["proj2"].T)  # (N, 1)
+        del hidden
         if self.sm_where == "late":
-            f = self.smooth(f, adj, symmetric)
-        f = f.squeeze(-1)
+            f = self._smooth(f, graph)
+        f = f[:, 0]
 
         bag_logit = None
         if head is not None:
             # last_layer(z) = w . (X_used^T s) + b = s . (X_used w) + b, and for early
             # X_used w = Sm(X) w = Sm(X w): the head column was smoothed with the others
-            s = torch.softmax(f, dim=0)
-            bag_logit = float(s @ projected[:, att_dim] + head.bias[0])
+            s = softmax(f, xp)
+            bag_logit = float(xp.sum(s * projected[:, self.att_dim])) + weights["head_bias"]
         return Attention(attention_logit=f, bag_logit=bag_logit)
 
+    def forward_reference(self, X: Any, adj: Any) -> tuple[Any, Any]:
+        """torchmil's forward, step by step (smoothing in_dim columns). Returns z: (in_dim,), f: (N,)."""
+        backend, xp = self.backend, self.backend.xp
+        graph = as_graph(adj, backend)
+        weights = self._weights()
+        features = xp.astype(backend.asarray(X), xp.float32)  # (N, in_dim)
+        if self.sm_where == "early":
+            features = self._smooth(features, graph)
+        hidden = xp.matmul(features, weights["proj1"].T) + weights["bias"]  # (N, att_dim)
+        if self.sm_where == "mid":
+            hidden = self._smooth(hidden, graph)
+        f = xp.matmul(activate(hidden, self.act, backend), weights["proj2"].T)  # (N, 1)
+        if self.sm_where == "late":
+            f = self._smooth(f, graph)
+        s = softmax(f[:, 0], xp)  # (N,)
+        z = xp.matmul(features.T, s)  # (in_dim,)
+        return z, f[:, 0]
 
-class SmABMIL(torch.nn.Module):
+
+class SmABMIL:
     """torchmil's SmABMIL without a feature extractor: `pool` plus the linear head `last_layer`."""
 
-    def __init__(self, pool: SmAttentionPool, in_dim: int) -> None:
-        super().__init__()
+    def __init__(self, pool: SmAttentionPool, in_dim: int, seed: int = 1) -> None:
         self.pool = pool
-        self.last_layer = torch.nn.Linear(in_dim, 1)
-        self.eval()
+        rng = np.random.default_rng(seed)
+        self.head = {"weight": _linear_init(rng, 1, in_dim), "bias": _bias_init(rng, 1, in_dim)}
 
-    @torch.no_grad()
-    def forward_reference(self, X: Tensor, adj: Tensor) -> tuple[Tensor, Tensor]:
-        """Bag logit () and attention logits (N,), as torchmil's forward(return_att=True)."""
+    @property
+    def backend(self) -> Backend:
+        return self.pool.backend
+
+    @property
+    def device(self) -> str:
+        return self.pool.device
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {f"pool.{name}": value for name, value in self.pool.state_dict().items()}
+        state.update({f"last_layer.{name}": value.copy() for name, value in self.head.items()})
+        return state
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(value.shape) for name, value in self.state_dict().items()}
+
+    def load_state_dict(self, tensors: dict[str, Any], strict: bool = True) -> None:
+        expected = set(self.state_dict())
+        if strict and set(tensors) != expected:
+            missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+        head = {}
+        for name in ("weight", "bias"):
+            value = to_numpy(tensors[f"last_layer.{name}"])
+            if tuple(value.shape) != self.head[name].shape:
+                raise ValueError(f"last_layer.{name} has shape {tuple(value.shape)}")
+            head[name] = np.array(value, dtype=np.float32)
+        pool_state = {k[len("pool.") :]: v for k, v in tensors.items() if k.startswith("pool.")}
+        self.pool.load_state_dict(pool_state, strict=strict)
+        self.head = head
+        self.pool._on_device.clear()
+
+    def to(self, device: str) -> SmABMIL:
+        self.pool.to(device)
+        return self
+
+    def eval(self) -> SmABMIL:
+        return self
+
+    def attention(self, X: Any, adj: Any, symmetric: bool | None = None) -> Attention:
+        return self.pool.attention(X, adj, head=self.head, symmetric=symmetric)
+
+    def forward_reference(self, X: Any, adj: Any) -> tuple[float, Any]:
+        """Bag logit and attention logits (N,), as torchmil's forward(return_att=True)."""
         z, f = self.pool.forward_reference(X, adj)
-        return self.last_layer(z).squeeze(-1), f
-
-    @torch.no_grad()
-    def attention(self, X: Tensor, adj: Tensor, symmetric: bool | None = None) -> Attention:
-        return self.pool.attention(X, adj, head=self.last_layer, symmetric=symmetric)
+        head = self.pool.backend.asarray(self.head["weight"][0])
+        return float(self.pool.backend.xp.sum(z * head)) + float(self.head["bias"][0]), f

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from smcli.errors import printable
-from smcli.scoring import BagResult
+from smcli.results import BagResult
 
 LOG_EVERY_SECONDS = 30.0
 

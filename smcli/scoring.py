@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,13 @@ from smcli.errors import BagError, SmcliError, UsageError
 from smcli.graph import (
     Adjacency,
     GraphError,
-    build_adjacency,
+    build_adjacency_with,
     duplicate_cells,
-    grid_cells,
+    grid_cells_with_origin,
     infer_patch_step,
 )
+from smcli.results import INSTANCE_COLUMNS, BagResult, BagSummary  # noqa: F401  (the API's names too)
 
-INSTANCE_COLUMNS = ["bag_id", "instance", "x", "y", "attention_logit", "attention_weight"]
 LOW_MEAN_DEGREE = 2.0
 
 
@@ -38,77 +39,37 @@ class ScoreOptions:
     top_k: int | None = None  # keep only the K highest-attention patches (ties: lower instance first)
 
 
-@dataclass
-class BagSummary:
-    """One row of `_bags.csv`."""
-
-    bag_id: str
-    path: str
-    n_instances: int | None = None
-    n_edges: int | None = None
-    logit: float | None = None
-    probability: float | None = None
-    status: str = "ok"
-    error: str = ""
-    seconds: float = 0.0
-    patch_step: float | None = None
-    patch_step_source: str = ""
-    dist_thr: float | None = None
-    warnings: list[str] = field(default_factory=list)
-    auroc: float | None = None  # attention_logit vs instance labels, when the bag has both classes
-    input_bytes: int | None = None
-    model_sha256: str = ""
-    device: str = ""
-    smcli_version: str = ""
-    scored_at: str = ""  # UTC, ISO 8601; kept out of the tables so they are reproducible
-
-    def provenance(self, model_config_json: str = "") -> dict[str, str]:
-        """Key-value metadata for a bag's table: how its numbers were made (no wall-clock time)."""
-        fields = {
-            "smcli_version": self.smcli_version,
-            "bag_id": self.bag_id,
-            "input_path": self.path,
-            "input_bytes": self.input_bytes,
-            "model_sha256": self.model_sha256,
-            "model_config": model_config_json,
-            "patch_step": self.patch_step,
-            "patch_step_source": self.patch_step_source,
-            "dist_thr": self.dist_thr,
-            "n_edges": self.n_edges,
-            "device": self.device,
-        }
-        return {f"smcli.{key}": "" if value is None else str(value) for key, value in fields.items()}
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present whenever the NVIDIA kernel driver is loaded
 
 
-@dataclass
-class BagResult:
-    """A bag's summary row and, when it was scored, its per-instance table."""
+def cuda_may_be_present() -> bool:
+    """False when no NVIDIA driver is loaded, so CUDA cannot be available (decided without torch).
 
-    summary: BagSummary
-    arrow: Any = None  # pyarrow.Table with INSTANCE_COLUMNS (+ label); None when not scored
-    _frame: Any = field(default=None, repr=False)
+    Importing torch just to learn that CUDA is absent costs over a second per process; the kernel
+    driver's /proc entry answers in microseconds. SMCLI_PROBE_CUDA=1 forces the torch check (e.g. a
+    container that hides /proc/driver but passes a GPU through).
+    """
+    import os
 
-    @property
-    def ok(self) -> bool:
-        return self.summary.status == "ok"
-
-    @property
-    def table(self):
-        """The per-instance table as a pandas DataFrame (converted on first use), or None."""
-        if self.arrow is not None and self._frame is None:
-            self._frame = self.arrow.to_pandas()
-        return self._frame
+    return NVIDIA_DRIVER.exists() or os.environ.get("SMCLI_PROBE_CUDA") == "1"
 
 
 def resolve_device(name: str) -> str:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable torch device string, else UsageError."""
-    import torch
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable device string, else UsageError.
 
+    'cpu' and 'auto' without an NVIDIA driver never import torch.
+    """
     if name == "auto":
+        if not cuda_may_be_present():
+            return "cpu"
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return "cpu"
     if name == "cuda" or name.startswith("cuda:"):
+        import torch
+
         if not torch.cuda.is_available():
             raise UsageError(f"device {name!r} requested but CUDA is not available on this machine")
         index = name.partition(":")[2]
@@ -162,12 +123,24 @@ def prepare_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptio
         )
     geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
     dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
+    graph = model.config.graph
     try:
-        cells = grid_cells(bag.coords, geometry.patch_step)
-        adjacency = build_adjacency(cells, dist_thr)
+        cells = grid_cells_with_origin(bag.coords, geometry.patch_step, graph.origin)
+        features = features_array(bag.features) if graph.weights == "feature_distance" else None
+        adjacency = build_adjacency_with(cells, dist_thr, graph, features)
     except GraphError as err:
         raise BagError(f"{bag.path}: {err}") from None
     return PreparedBag(bag, geometry, dist_thr, cells, adjacency, time.perf_counter() - started)
+
+
+def features_array(features) -> np.ndarray:
+    """Bag features (N, D) as a numpy array (a CPU torch tensor is viewed, bfloat16 widened)."""
+    if isinstance(features, np.ndarray):
+        return features
+    tensor = features.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def score_bag(
@@ -181,7 +154,6 @@ def score_bag(
     import datetime
 
     import pyarrow as pa
-    import torch
 
     from smcli import __version__
     from smcli.metrics import auroc
@@ -194,15 +166,13 @@ def score_bag(
     bag, geometry, dist_thr = prepared.bag, prepared.geometry, prepared.dist_thr
     cells, adjacency = prepared.cells, prepared.adjacency
 
-    device = torch.device(options.device)
-    features = bag.features.to(device, non_blocking=True)
-    adj = adjacency.to_torch(torch.float32, device)
+    module = model.module.to(options.device)  # a no-op when the model is there already
     try:
-        out = model.module.attention(features, adj, symmetric=True)  # symmetric by construction
+        out = module.attention(bag.features, adjacency, symmetric=True)  # symmetric by construction
     except SmSolveError as err:
         raise BagError(f"{bag.path}: {err}") from None
-    logits = out.attention_logit.cpu().numpy()
-    weights = torch.softmax(out.attention_logit, dim=0).cpu().numpy()
+    logits = module.backend.to_numpy(out.attention_logit)
+    weights = softmax_weights(logits)
 
     columns = {
         "bag_id": _repeated_string(bag.bag_id, bag.n_instances),
@@ -219,9 +189,7 @@ def score_bag(
         # stable sort on -logit keeps equal logits in instance order
         table = table.take(_arrow_column(np.argsort(-logits, kind="stable")[: options.top_k]))
 
-    probability = None
-    if out.bag_logit is not None:
-        probability = float(torch.sigmoid(torch.tensor(out.bag_logit, dtype=torch.float64)))
+    probability = None if out.bag_logit is None else sigmoid(out.bag_logit)
     summary = BagSummary(
         bag_id=bag.bag_id,
         path=str(bag.path),
@@ -236,12 +204,26 @@ def score_bag(
         auroc=auroc(logits, bag.labels) if bag.labels is not None else None,
         input_bytes=_file_size(bag.path),
         model_sha256=model.sha256,
-        device=str(device),
+        device=module.device,
         smcli_version=__version__,
         scored_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     summary.seconds = time.perf_counter() - started
     return BagResult(summary, table)
+
+
+def softmax_weights(logits: np.ndarray) -> np.ndarray:
+    """Attention weights (N,) from logits (N,): softmax, shifted by the maximum, in the logits' dtype."""
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum(dtype=shifted.dtype)
+
+
+def sigmoid(logit: float) -> float:
+    """1 / (1 + exp(-x)) in float64, without overflow for large |x|."""
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    small = math.exp(logit)
+    return small / (1.0 + small)
 
 
 # Arrow arrays straight from numpy buffers: pa.array() would import pandas (0.25 s) to check

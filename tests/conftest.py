@@ -35,6 +35,35 @@ def torchmil_adjacency(coords: np.ndarray, patch_size: float, dist_thr: float = 
     return adj.coalesce().to(torch.float32)
 
 
+def make_torchmil_model(
+    in_dim,
+    att_dim,
+    head,
+    mode="approx",
+    where="early",
+    spectral=False,
+    alpha="trainable",
+    act="tanh",
+    steps=10,
+):
+    """A torchmil SmABMIL (head) or SmAttentionPool with these constructor settings."""
+    from torchmil.models import SmABMIL
+    from torchmil.nn import SmAttentionPool
+
+    if head:
+        return SmABMIL(
+            (in_dim,),
+            att_dim=att_dim,
+            att_act=act,
+            sm_mode=mode,
+            sm_alpha=alpha,
+            sm_steps=steps,
+            sm_where=where,
+            spectral_norm=spectral,
+        )
+    return SmAttentionPool(in_dim, att_dim, act, mode, alpha, steps, where, spectral)
+
+
 @pytest.fixture
 def bag_file(tmp_path):
     """Write a safetensors bag and return its path: bag_file(name, features, coords, **metadata)."""

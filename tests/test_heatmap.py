@@ -1,4 +1,4 @@
-"""`smcli heatmap`: one PNG per bag, patches on their grid cells, hot = top of the colour map."""
+"""`smcli heatmap` without a slide: one PNG per bag, patches on their grid cells, hot = top of the map."""
 
 from __future__ import annotations
 
@@ -14,11 +14,14 @@ from typer.testing import CliRunner
 
 from smcli.checkpoint import ModelConfig, PoolConfig, build_module, save_checkpoint
 from smcli.cli import app
-from smcli.heatmap import BACKGROUND, OUTLINE, Layout, colormap, normalize, read_table
+from smcli.heatmap import CHECKER, OUTLINE, PAD, TITLE_H, colour_map, colours, lookup_table, normalize
+from smcli.scored import read_table
 
 IN_DIM = 8
 STEP = 256
 NX, NY = 10, 6  # grid of the test bag: 800 // 10 = 80 pixels per cell
+CELL = 80
+LUT = lookup_table(colour_map("inferno"))
 
 runner = CliRunner()
 
@@ -69,20 +72,34 @@ def scored(tmp_path, model_file):
     return {"dir": out, "table": table, "cells": cells, "bags": bags}
 
 
-def pixel(image, layout: Layout, cell) -> tuple[int, int, int]:
-    """Colour at the centre of grid cell (x, y)."""
-    x0, y0 = layout.map_origin
-    return image.getpixel(
-        (x0 + cell[0] * layout.cell + layout.cell // 2, y0 + cell[1] * layout.cell + layout.cell // 2)
-    )
+def map_of(path) -> np.ndarray:
+    """The map region (NY*CELL, NX*CELL, 3) of a written grid heatmap PNG."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    return image[TITLE_H : TITLE_H + NY * CELL, PAD : PAD + NX * CELL]
 
 
-def test_colormap_runs_dark_to_light():
-    ends = colormap(np.array([0.0, 1.0]))
-    assert ends[0].sum() < 150 and ends[1].sum() > 550
-    lightness = colormap(np.linspace(0, 1, 50)).astype(int) @ np.array([299, 587, 114])
-    assert (np.diff(lightness) > 0).all()
-    assert tuple(ends[0]) != BACKGROUND and tuple(ends[1]) != BACKGROUND
+def cell_pixels(pixels: np.ndarray, cell) -> np.ndarray:
+    """All pixels (CELL*CELL, 3) of grid cell (x, y)."""
+    box = pixels[cell[1] * CELL : (cell[1] + 1) * CELL, cell[0] * CELL : (cell[0] + 1) * CELL]
+    return box.reshape(-1, 3)
+
+
+def is_checker(pixels: np.ndarray) -> bool:
+    greys = {tuple(int(v) for v in c) for c in np.unique(pixels.reshape(-1, 3), axis=0)}
+    return greys == set(CHECKER)
+
+
+def test_colour_map_is_matplotlibs_and_unknown_names_are_usage_errors(tmp_path):
+    import matplotlib
+
+    expected = np.rint(matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255)
+    np.testing.assert_array_equal(lookup_table(colour_map("viridis")), expected.astype(np.uint8))
+    # no colour of the default map is a checker grey: "no patch" never reads as low attention
+    assert not {tuple(int(v) for v in c) for c in LUT} & set(CHECKER)
+    result = invoke("heatmap", tmp_path / "x.csv", "-o", tmp_path / "m", "--cmap", "nope")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: unknown --cmap 'nope': use a matplotlib colour map")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_one_bag_image_size_hot_patch_and_background(tmp_path, scored):
@@ -91,26 +108,25 @@ def test_one_bag_image_size_hot_patch_and_background(tmp_path, scored):
     result = invoke("heatmap", table, "-o", out)
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "" and f"wrote {out}" in result.stderr
-    image = Image.open(out).convert("RGB")
-    layout = Layout.for_grid(NX, NY)
-    assert layout.cell == 80 and layout.map_size == (800, 480)
-    assert image.size == layout.size
+    width, height = Image.open(out).size
+    assert width > PAD + NX * CELL + 100 and height > TITLE_H + NY * CELL  # map, colour bar, legend
+    pixels = map_of(out)
 
     frame = pd.read_csv(table)
+    origin = frame[["x", "y"]].min().to_numpy()
     hottest = frame.loc[frame["attention_logit"].idxmax()]
     coldest = frame.loc[frame["attention_logit"].idxmin()]
-    to_cell = (np.array([hottest.x, hottest.y]) - frame[["x", "y"]].min().to_numpy()) // STEP
-    cold_cell = (np.array([coldest.x, coldest.y]) - frame[["x", "y"]].min().to_numpy()) // STEP
-    assert pixel(image, layout, to_cell) == tuple(colormap(1.0))
-    assert pixel(image, layout, cold_cell) == tuple(colormap(0.0))
-    hole = pixel(image, layout, (4, 2))
-    assert hole == BACKGROUND and hole != tuple(colormap(0.0))
-    # every pixel of the hottest cell, not just its centre
-    x0, y0 = layout.map_origin
-    box = np.asarray(image)[
-        y0 + to_cell[1] * 80 : y0 + (to_cell[1] + 1) * 80, x0 + to_cell[0] * 80 : x0 + (to_cell[0] + 1) * 80
-    ]
-    assert (box == colormap(1.0)).all()
+    hot_cell = (np.array([hottest.x, hottest.y]) - origin) // STEP
+    cold_cell = (np.array([coldest.x, coldest.y]) - origin) // STEP
+    # every pixel of the hottest cell is the top of the map, of the coldest the bottom
+    assert (cell_pixels(pixels, hot_cell) == colours(1.0, LUT)).all()
+    assert (cell_pixels(pixels, cold_cell) == colours(0.0, LUT)).all()
+    assert is_checker(cell_pixels(pixels, (4, 2))) and is_checker(cell_pixels(pixels, (7, 5)))
+    # the rank of each patch decides its colour
+    t = normalize(frame["attention_logit"].to_numpy(), "rank").t
+    for row, value in zip(frame.itertuples(), t, strict=True):
+        cell = (np.array([row.x, row.y]) - origin) // STEP
+        assert tuple(cell_pixels(pixels, cell)[0]) == tuple(colours(value, LUT))
 
 
 def test_multi_bag_table_gives_one_png_per_bag(tmp_path, scored):
@@ -130,24 +146,21 @@ def test_multi_bag_table_gives_one_png_per_bag(tmp_path, scored):
 
 def test_labels_draw_outline_pixels(tmp_path, scored):
     table = scored["dir"] / "slide_a.csv"
-    plain = np.asarray(Image.open(_draw(tmp_path / "plain.png", table)).convert("RGB"))
-    outlined = np.asarray(Image.open(_draw(tmp_path / "lab.png", table, "--labels")).convert("RGB"))
+    plain = map_of(_draw(tmp_path / "plain.png", table))
+    mask = (map_of(_draw(tmp_path / "lab.png", table, "--labels")) == OUTLINE).all(axis=2)
     assert not (plain == OUTLINE).all(axis=2).any()
-    layout = Layout.for_grid(NX, NY)
-    x0, y0 = layout.map_origin
-    mask = (outlined == OUTLINE).all(axis=2)[y0 : y0 + 480, x0 : x0 + 800]
     assert mask.sum() > 0
     # the outline stays inside the labelled block (x >= 6, y <= 2) and runs along its border
     ys, xs = np.nonzero(mask)
-    assert xs.min() >= 6 * 80 and ys.max() < 3 * 80
-    assert mask[0:10, 6 * 80 : 10 * 80].all() and not mask[120, 8 * 80 + 40]
+    assert xs.min() >= 6 * CELL and ys.max() < 3 * CELL
+    assert mask[0:10, 6 * CELL : 10 * CELL].all() and not mask[120, 8 * CELL + 40]
 
     unlabelled = pd.read_csv(table).drop(columns="label")
     unlabelled.to_csv(tmp_path / "unlabelled.csv", index=False)
     no_labels = invoke("heatmap", tmp_path / "unlabelled.csv", "-o", tmp_path / "u.png", "--labels")
     assert no_labels.exit_code == 0, no_labels.stderr
     assert "warning:" in no_labels.stderr and "no labels to outline" in no_labels.stderr
-    assert not (np.asarray(Image.open(tmp_path / "u.png").convert("RGB")) == OUTLINE).all(axis=2).any()
+    assert not (map_of(tmp_path / "u.png") == OUTLINE).all(axis=2).any()
 
 
 def _draw(out, table, *extra):
@@ -170,14 +183,9 @@ def test_bag_and_model_in_one_go(tmp_path, scored, model_file):
     out = tmp_path / "from_bag"
     result = invoke("heatmap", bag, "-m", model_file, "-o", out, "--labels")
     assert result.exit_code == 0, result.stderr
-    direct = np.asarray(Image.open(out / "slide_a.png").convert("RGB"))
-    via_table = np.asarray(
-        Image.open(_draw(tmp_path / "t.png", scored["dir"] / "slide_a.csv", "--labels")).convert("RGB")
-    )
-    layout = Layout.for_grid(NX, NY)
-    x0, y0 = layout.map_origin
-    region = (slice(y0, y0 + 480), slice(x0, x0 + 800))
-    np.testing.assert_array_equal(direct[region], via_table[region])
+    direct = map_of(out / "slide_a.png")
+    via_table = map_of(_draw(tmp_path / "t.png", scored["dir"] / "slide_a.csv", "--labels"))
+    np.testing.assert_array_equal(direct, via_table)
 
     no_model = invoke("heatmap", bag, "-o", out)
     assert no_model.exit_code == 2 and "-m MODEL" in no_model.stderr
@@ -206,8 +214,26 @@ def test_normalizations():
     assert normalize(np.array([5.0, 5.0]), "minmax").t.tolist() == [0.5, 0.5]
 
 
-def test_without_pillow_the_error_names_the_extra(tmp_path, scored, monkeypatch):
-    monkeypatch.setitem(sys.modules, "PIL", None)
+def test_without_matplotlib_the_error_names_the_extra(tmp_path, scored, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = invoke("heatmap", scored["dir"] / "slide_a.csv", "-o", tmp_path / "m")
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: drawing heatmaps needs Pillow: pip install 'smcli[plot]'"
+    assert result.stderr.strip() == "error: drawing heatmaps needs matplotlib: pip install 'smcli[plot]'"
+
+
+def test_a_two_row_table_spanning_4e9_pixels_is_refused_without_allocating(tmp_path):
+    """Issue 9 §4: the grid is sized from the input; a huge empty span is an error, not 6.5 GB."""
+    import tracemalloc
+
+    table = tmp_path / "far.csv"
+    frame = pd.DataFrame({"x": [0, 1], "y": [0, 4_000_000_000], "attention_logit": [0.1, 0.2]})
+    frame.to_csv(table, index=False)
+    tracemalloc.start()
+    result = invoke("heatmap", table, "-o", tmp_path / "far.png")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {table}: far: a grid of 2 x ")
+    assert "too large to draw; check --patch-size" in lines[0]
+    assert peak < 50e6

@@ -1,4 +1,8 @@
-"""Parity with torchmil 1.0.2 (computed here), and the identities the fast path relies on."""
+"""Parity with torchmil 1.0.2 (computed here) on every backend, and the identities the fast path relies on.
+
+Backends: "cpu" (numpy + scipy.sparse, production on CPUs), "torch:cpu" (the torch backend that
+runs CUDA, exercised here on the CPU) and "cuda" (skipped without a GPU).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,31 @@ import itertools
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torchmil.models import SmABMIL as TorchmilSmABMIL
 from torchmil.nn import SmAttentionPool as TorchmilPool
 
 from smcli.checkpoint import ModelConfig, PoolConfig, build_module
 from smcli.graph import build_adjacency, grid_cells
-from smcli.model import SmSolveError, approx_sm, exact_sm, is_symmetric
+from smcli.model import SmSolveError, approx_sm, exact_sm, host_csr, is_symmetric
 from tests.conftest import PATCH, torchmil_adjacency, tricky_coords
+
+BACKENDS = [
+    "cpu",
+    "torch:cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+
+
+AVAILABLE_BACKENDS = ["cpu", "torch:cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def as_numpy(array) -> np.ndarray:
+    """A backend array (numpy or torch on any device) as numpy."""
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 IN_DIM, ATT_DIM = 24, 8
 ALPHAS = ["trainable", 0.5, 0.9]
@@ -69,6 +88,7 @@ def features():
 @pytest.mark.parametrize("bag", sorted(BAGS))
 @pytest.mark.parametrize("mode,where,spectral,alpha,act,head", CONFIGS)
 def test_attention_logits_match_torchmil(bag, features, mode, where, spectral, alpha, act, head):
+    """Every config, on every backend available (the torchmil oracle is computed once per config)."""
     coords = BAGS[bag]
     X = features[bag]
     oracle = torchmil_model(mode, where, spectral, alpha, act, head)
@@ -77,21 +97,21 @@ def test_attention_logits_match_torchmil(bag, features, mode, where, spectral, a
     adj = adj_sparse.to_dense() if mode == "exact" else adj_sparse
     with torch.no_grad():
         out = oracle(X[None], adj[None], return_att=True)
-    expected_logits = out[1][0]
-
-    ours = smcli_model(mode, where, spectral, alpha, act, head)
-    ours.load_state_dict(oracle.state_dict(), strict=True)
-    adjacency = build_adjacency(grid_cells(coords, PATCH)).to_torch(torch.float32)
-    result = ours.attention(X, adjacency)
-    assert (result.attention_logit - expected_logits).abs().max() <= 1e-5
-    reference = ours.forward_reference(X, adjacency)
-    if head:
-        assert abs(result.bag_logit - float(out[0][0])) <= 1e-5
-        assert abs(float(reference[0]) - float(out[0][0])) <= 1e-5
-    else:
-        assert result.bag_logit is None
-        assert (reference[0] - out[0][0]).abs().max() <= 1e-5  # z, the bag vector
-    assert (reference[1] - expected_logits).abs().max() <= 1e-5
+    expected = out[1][0].numpy()
+    adjacency = build_adjacency(grid_cells(coords, PATCH))
+    for backend in AVAILABLE_BACKENDS:
+        ours = smcli_model(mode, where, spectral, alpha, act, head).to(backend)
+        ours.load_state_dict(oracle.state_dict(), strict=True)
+        result = ours.attention(X.numpy(), adjacency)
+        assert np.abs(as_numpy(result.attention_logit) - expected).max() <= 1e-5, backend
+        reference = ours.forward_reference(X.numpy(), adjacency)
+        if head:
+            assert abs(result.bag_logit - float(out[0][0])) <= 1e-5, backend
+            assert abs(float(reference[0]) - float(out[0][0])) <= 1e-5, backend
+        else:
+            assert result.bag_logit is None
+            assert np.abs(as_numpy(reference[0]) - out[0][0].numpy()).max() <= 1e-5, backend  # z
+        assert np.abs(as_numpy(reference[1]) - expected).max() <= 1e-5, backend
 
 
 @pytest.mark.parametrize(
@@ -99,7 +119,7 @@ def test_attention_logits_match_torchmil(bag, features, mode, where, spectral, a
 )
 def test_no_sm_configurations_are_identity(features, alpha, steps, where):
     model = build_module(ModelConfig(PoolConfig(IN_DIM, ATT_DIM, "gelu", "approx", alpha, steps, where)))
-    assert isinstance(model.sm, torch.nn.Identity)
+    assert model.sm is None
     oracle = TorchmilPool(IN_DIM, ATT_DIM, "gelu", "approx", alpha, steps, where)
     assert set(oracle.state_dict()) == set(model.state_dict())
     model.load_state_dict(oracle.state_dict(), strict=True)
@@ -113,60 +133,81 @@ def test_no_sm_configurations_are_identity(features, alpha, steps, where):
         oracle.sm_where = "none"
     with torch.no_grad():
         _, expected = oracle(features["tricky"][None], adj, return_att=True)
-    adjacency = build_adjacency(grid_cells(coords, PATCH)).to_torch(torch.float32)
-    assert (model.attention(features["tricky"], adjacency).attention_logit - expected[0]).abs().max() <= 1e-6
+    adjacency = build_adjacency(grid_cells(coords, PATCH))
+    logits = model.attention(features["tricky"].numpy(), adjacency).attention_logit
+    assert np.abs(logits - expected[0].numpy()).max() <= 1e-6
 
 
 def test_float_alpha_means_different_operators_in_approx_and_exact():
     """torchmil's quirk: alpha 0.9 gives coef 9. Exact smooths with weight coef/(1+coef) = 0.9 = alpha,
     approx with a = 1/(1+coef) = 0.1 = 1 - alpha: its fixed point is exact Sm with coef 1/9."""
     coords = BAGS["tricky"]
-    adjacency = build_adjacency(grid_cells(coords, PATCH)).to_torch(torch.float64)
-    signal = torch.randn(len(coords), 3, dtype=torch.float64)
+    adjacency = build_adjacency(grid_cells(coords, PATCH))
+    signal = np.random.default_rng(0).standard_normal((len(coords), 3))
     coef = 1 / (1 - 0.9) - 1
     converged = approx_sm(signal, adjacency, coef, 200)
-    assert torch.allclose(converged, exact_sm(signal, adjacency, 1 / coef), atol=1e-9)
-    assert not torch.allclose(converged, exact_sm(signal, adjacency, coef), atol=1e-2)
+    assert np.allclose(converged, exact_sm(signal, adjacency, 1 / coef), atol=1e-9)
+    assert not np.allclose(converged, exact_sm(signal, adjacency, coef), atol=1e-2)
     one_step = approx_sm(signal, adjacency, coef, 1)
-    assert torch.allclose(one_step, 0.9 * signal + 0.1 * (adjacency @ signal))
+    assert np.allclose(one_step, 0.9 * signal + 0.1 * (adjacency.to_scipy() @ signal))
 
 
-def test_commuted_smoothing_identities():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_commuted_smoothing_identities(backend):
     """Sm(X) W^T = Sm(X W^T) and w.(Sm(X)^T s) = s.Sm(X w), for both modes, checked directly."""
     coords = BAGS["tricky"]
-    adjacency = build_adjacency(grid_cells(coords, PATCH)).to_torch(torch.float64)
+    adjacency = build_adjacency(grid_cells(coords, PATCH))
     generator = torch.Generator().manual_seed(1)
     X = torch.randn(len(coords), 16, dtype=torch.float64, generator=generator)
     W = torch.randn(5, 16, dtype=torch.float64, generator=generator)
     s = torch.softmax(torch.randn(len(coords), dtype=torch.float64, generator=generator), 0)
+    if backend == "cpu":
+        X, W, s = X.numpy(), W.numpy(), s.numpy()
+    else:
+        X, W, s = (t.to(backend.removeprefix("torch:")) for t in (X, W, s))
+
+    def close(a, b):
+        return np.allclose(as_numpy(a), as_numpy(b), atol=1e-10)
+
     for smooth in (lambda v: approx_sm(v, adjacency, 1.7, 10), lambda v: exact_sm(v, adjacency, 1.7)):
-        assert torch.allclose(smooth(X) @ W.T, smooth(X @ W.T), atol=1e-10)
-        assert torch.allclose(W[0] @ (smooth(X).T @ s), s @ smooth(X @ W[0:1].T)[:, 0], atol=1e-10)
-        ones = torch.ones(len(coords), 1, dtype=torch.float64)
-        assert not torch.allclose(smooth(ones), ones)  # why proj1's bias is added after smoothing
+        assert close(smooth(X) @ W.T, smooth(X @ W.T))
+        assert close(W[0] @ (smooth(X).T @ s), s @ smooth(X @ W[0:1].T)[:, 0])
+        ones = np.ones((len(coords), 1))
+        assert not np.allclose(smooth(ones), ones)  # why proj1's bias is added after smoothing
 
 
 def test_exact_refuses_non_symmetric_adjacency_and_indefinite_systems():
-    upper = torch.tensor([[0.0, 1.0], [0.0, 0.0]]).to_sparse_csr()
+    upper = scipy.sparse.csr_matrix(np.array([[0.0, 1.0], [0.0, 0.0]]))
     assert not is_symmetric(upper)
     with pytest.raises(SmSolveError, match="symmetric"):
-        exact_sm(torch.ones(2, 1), upper, 1.0)
-    sym = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).to_sparse_csr()
+        exact_sm(np.ones((2, 1)), upper, 1.0)
+    sym = scipy.sparse.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))
     with pytest.raises(SmSolveError, match="positive definite"):
-        exact_sm(torch.ones(2, 1), sym, -0.75)
+        exact_sm(np.ones((2, 1)), sym, -0.75)
 
 
-def test_half_precision_features_are_computed_in_float32(features):
-    model = smcli_model("approx", "early", False, "trainable", "gelu", True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_features_are_computed_in_float32(features, backend):
+    model = smcli_model("approx", "early", False, "trainable", "gelu", True).to(backend)
     coords = BAGS["tricky"]
-    adjacency = build_adjacency(grid_cells(coords, PATCH)).to_torch(torch.float32)
-    half = features["tricky"].half()
-    from_half = model.attention(
-        half,
-        adjacency,
-    )
-    from_float = model.attention(half.float(), adjacency)
-    assert torch.equal(from_half.attention_logit, from_float.attention_logit)
+    adjacency = build_adjacency(grid_cells(coords, PATCH))
+    half = features["tricky"].half().numpy()
+    from_half = model.attention(half, adjacency)
+    from_float = model.attention(half.astype(np.float32), adjacency)
+    assert np.array_equal(as_numpy(from_half.attention_logit), as_numpy(from_float.attention_logit))
+
+
+def test_torch_sparse_and_scipy_adjacencies_are_accepted(features):
+    """The Python API takes smcli's Adjacency, a scipy matrix or a torch sparse tensor alike."""
+    model = smcli_model("approx", "mid", False, "trainable", "gelu", True)
+    adjacency = build_adjacency(grid_cells(BAGS["tricky"], PATCH))
+    X = features["tricky"].numpy()
+    results = [
+        model.attention(X, given).attention_logit
+        for given in (adjacency, adjacency.to_scipy(), adjacency.to_torch(torch.float64))
+    ]
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+    assert (host_csr(adjacency.to_torch(torch.float64)) != adjacency.to_scipy()).nnz == 0
 
 
 @pytest.mark.parametrize("mode", ["approx", "exact"])
@@ -176,22 +217,22 @@ def test_a_non_symmetric_adjacency_is_handled_or_refused_never_silently_wrong(fe
     n = len(BAGS["tricky"])
     generator = torch.Generator().manual_seed(3)
     dense = torch.rand(n, n, generator=generator) * (torch.rand(n, n, generator=generator) < 0.05)
-    adjacency = (dense / dense.sum(1, keepdim=True).clamp_min(1)).to_sparse_csr()
-    X = features["tricky"]
+    adjacency = scipy.sparse.csr_matrix((dense / dense.sum(1, keepdim=True).clamp_min(1)).numpy())
+    X = features["tricky"].numpy()
     if mode == "exact":
         with pytest.raises(SmSolveError, match="symmetric"):
             model.attention(X, adjacency)
         return
     result = model.attention(X, adjacency)
     bag_logit, logits = model.forward_reference(X, adjacency)
-    assert (result.attention_logit - logits).abs().max() <= 1e-5
+    assert np.abs(result.attention_logit - logits).max() <= 1e-5
     assert abs(result.bag_logit - float(bag_logit)) <= 1e-5  # no symmetry needed outside exact
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     offset=st.integers(0, 15),
-    dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]),
+    dtype=st.sampled_from([np.float32, np.float16, np.float64]),
     head=st.booleans(),
 )
 def test_scores_do_not_depend_on_where_the_features_sit_in_memory(offset, dtype, head):
@@ -203,13 +244,118 @@ def test_scores_do_not_depend_on_where_the_features_sit_in_memory(offset, dtype,
     rng = np.random.default_rng(7)
     coords = tricky_coords(0)
     n = len(coords)
-    values = torch.from_numpy(rng.standard_normal((n, IN_DIM)).astype(np.float32)).to(dtype)
-    storage = torch.zeros(n * IN_DIM + 16, dtype=dtype)
-    shifted = storage[offset : offset + n * IN_DIM].view(n, IN_DIM)
-    shifted.copy_(values)
+    values = rng.standard_normal((n, IN_DIM)).astype(dtype)
+    storage = np.zeros(n * IN_DIM + 16, dtype=dtype)
+    shifted = storage[offset : offset + n * IN_DIM].reshape(n, IN_DIM)
+    shifted[...] = values
     model = smcli_model("approx", "early", False, "trainable", "tanh", head)
-    adj = build_adjacency(grid_cells(coords, PATCH)).to_torch(torch.float32)
+    adj = build_adjacency(grid_cells(coords, PATCH))
     reference = model.attention(values, adj)
     moved = model.attention(shifted, adj)
-    assert torch.equal(reference.attention_logit, moved.attention_logit)
+    assert np.array_equal(reference.attention_logit, moved.attention_logit)
     assert reference.bag_logit == moved.bag_logit
+
+
+# ---------------------------------------------------------------------------------------------
+# the exact solver on adjacencies that are not torchmil's normalized ones
+
+
+def binary_adjacency(coords: np.ndarray) -> scipy.sparse.csr_matrix:
+    """The unnormalized 0/1 neighbour matrix of a bag (torchmil's norm_adj=False graph)."""
+    adjacency = build_adjacency(grid_cells(coords, PATCH)).to_scipy()
+    adjacency.data[:] = 1.0
+    return adjacency
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["early", "mid", "late"])
+@pytest.mark.parametrize("alpha", [0.1, "trainable"])
+def test_exact_on_an_unnormalized_adjacency_matches_torchmils_dense_solve(features, backend, where, alpha):
+    """Row sums up to 8: the old solver assumed eigenvalues in [-1, 1] and gave ~1e9 here."""
+    coords = BAGS["tricky"]
+    oracle = torchmil_model("exact", where, False, alpha, "gelu", True)
+    state = oracle.state_dict()
+    if "pool.sm.sm.coef" in state:
+        state["pool.sm.sm.coef"] = torch.tensor(0.12)  # (1 + c) - 8 c > 0: positive definite
+    oracle.load_state_dict(state)
+    adjacency = binary_adjacency(coords)
+    X = features["tricky"]
+    dense = torch.from_numpy(adjacency.toarray()).float()
+    with torch.no_grad():
+        bag_logit, logits = oracle(X[None], dense[None], return_att=True)
+    ours = smcli_model("exact", where, False, alpha, "gelu", True).to(backend)
+    ours.load_state_dict(oracle.state_dict())
+    result = ours.attention(X.numpy(), adjacency)
+    assert np.abs(as_numpy(result.attention_logit) - logits[0].numpy()).max() <= 1e-5
+    assert abs(result.bag_logit - float(bag_logit[0])) <= 1e-5
+
+
+def test_exact_refuses_what_it_cannot_prove_positive_definite():
+    coords = BAGS["tricky"]
+    adjacency = binary_adjacency(coords)
+    signal = np.random.default_rng(0).standard_normal((len(coords), 4))
+    with pytest.raises(SmSolveError, match="not provably positive definite.*bounded by [67]"):
+        exact_sm(signal, adjacency, 2.7)  # torchmil solves an indefinite system here
+
+
+@pytest.mark.parametrize(
+    "coef,outcome",
+    [
+        (float("nan"), "finite"),
+        (float("inf"), "finite"),
+        (-float("inf"), "finite"),
+        (1e12, "positive definite"),
+        (1e5, "ill-conditioned"),
+        (-0.5, "positive definite"),
+        (1e-17, None),
+        (-1e-30, None),
+        (0.0, None),
+        (1000.0, None),
+    ],
+)
+def test_extreme_coefficients_are_solved_or_refused_quickly(coef, outcome):
+    coords = BAGS["tricky"]
+    adjacency = build_adjacency(grid_cells(coords, PATCH))
+    signal = np.random.default_rng(1).standard_normal((len(coords), 3))  # float64 in, float64 out
+    if outcome is not None:
+        with pytest.raises(SmSolveError, match=outcome):
+            exact_sm(signal, adjacency, coef)
+        return
+    solution = exact_sm(signal, adjacency, coef)
+    system = (1 + coef) * scipy.sparse.identity(len(coords)) - coef * adjacency.to_scipy()
+    residual = np.linalg.norm(system @ solution - signal) / np.linalg.norm(signal)
+    assert residual <= 1e-6
+    if abs(coef) < 1e-12:
+        assert np.array_equal(solution, signal)  # ~identity, exactly
+
+
+@st.composite
+def symmetric_systems(draw):
+    """A random symmetric sparse matrix (weights of either sign, isolated rows), a coef, a signal."""
+    n = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    density = draw(st.floats(0.0, 0.5))
+    scale = draw(st.sampled_from([0.1, 1.0, 3.0]))
+    dense = rng.standard_normal((n, n)) * scale * (rng.random((n, n)) < density)
+    if draw(st.booleans()):
+        dense = np.abs(dense)
+    dense = np.triu(dense, 1)
+    matrix = scipy.sparse.csr_matrix(dense + dense.T)
+    coef = draw(st.one_of(st.floats(-0.6, 5.0), st.sampled_from([1e-9, 50.0, 1e4, -1e-12])))
+    signal = rng.standard_normal((n, draw(st.integers(1, 40))))
+    return matrix, coef, signal
+
+
+@settings(max_examples=300, deadline=None)
+@given(system=symmetric_systems())
+def test_exact_solve_has_a_small_residual_or_raises(system):
+    matrix, coef, signal = system
+    try:
+        solution = exact_sm(signal, matrix, coef)
+    except SmSolveError as err:
+        event("refused: " + ("not provably SPD" if "positive definite" in str(err) else "ill-conditioned"))
+        return
+    event("solved")
+    M = (1 + coef) * scipy.sparse.identity(matrix.shape[0]) - coef * matrix
+    assert np.linalg.norm(M @ solution - signal) <= 1e-6 * np.linalg.norm(signal)

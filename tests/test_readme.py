@@ -70,3 +70,28 @@ def test_readme_test_command_is_what_ci_runs():
     command = re.search(r"```\n(.*?)\n```", section("Tests")).group(1)
     assert command in (ROOT / ".ci" / "run").read_text()
     assert os.access(ROOT / ".ci" / "run", os.R_OK)
+
+
+def test_bring_your_model_config_and_note_are_what_convert_takes_and_prints(tmp_path):
+    import json
+
+    import torch
+    from torchmil.models import SmABMIL
+
+    text = section("Bring your model")
+    config = tmp_path / "train.json"
+    config.write_text(re.search(r"```json\n(.*?)```", text, re.S).group(1))
+    torch.manual_seed(0)
+    pt = tmp_path / "model.pt"
+    torch.save(SmABMIL((8,), spectral_norm=True).state_dict(), pt)
+    runner = CliRunner()
+    strict = runner.invoke(
+        app, ["convert", str(pt), "-o", str(tmp_path / "a.safetensors"), "--config", str(config), "--strict"]
+    )
+    assert strict.exit_code == 0, strict.stderr
+    assert json.loads(config.read_text())["att_act"] == "tanh"
+    bare = tmp_path / "bare.pt"
+    torch.save(SmABMIL((8,)).state_dict(), bare)
+    plain = runner.invoke(app, ["convert", str(bare), "-o", str(tmp_path / "b.safetensors")])
+    note = re.search(r"```\n(note: .*?)\n```", text).group(1)
+    assert plain.stderr.splitlines()[0] == note.replace("model.pt", str(bare))

@@ -1,0 +1,66 @@
+"""Compute backends: where the model's arrays live and how the sparse product runs.
+
+The model (smcli.model) is written once against an array namespace (the array API standard, via
+array-api-compat); a backend supplies that namespace plus the few things the standard leaves out:
+the sparse product (the one real hook), in-place updates on reused buffers, erf, and moving host
+arrays in and out. Adding a backend is one new module plus one line in BACKENDS.
+
+- cpu  (smcli.backends.cpu):  numpy + scipy.sparse CSR; never imports torch.
+- torch (smcli.backends.torch_device): torch tensors on any torch device, used for CUDA (and, in
+  the tests, on the CPU, so the torch code path is checked on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+BACKENDS = {"cpu": "smcli.backends.cpu", "torch": "smcli.backends.torch_device"}
+
+
+class Backend(Protocol):
+    """What the model needs beyond the array API namespace `xp`. Arrays are the backend's own."""
+
+    name: str  # "cpu", or the torch device ("cuda:0", "cpu" for torch on the CPU)
+    xp: Any  # the array API namespace (array_api_compat.numpy / array_api_compat.torch)
+
+    def asarray(self, array: Any) -> Any:
+        """A host numpy array (or a backend array) as a backend array; dtype kept, no copy if possible."""
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialized array, 64-byte aligned (the staging buffer's bits must not depend on it)."""
+
+    def sparse(self, matrix: Any, dtype: Any) -> Any:
+        """scipy.sparse CSR matrix (host) -> the backend's sparse matrix in dtype."""
+
+    def addmm(self, base: Any, adj: Any, x: Any, beta: float, alpha: float, out: Any = None) -> Any:
+        """out = beta * base + alpha * (adj @ x); base, x, out: (N, C) dense, adj: (N, N) sparse."""
+
+    def axpy(self, y: Any, x: Any, alpha: float) -> None:
+        """y += alpha * x in place (no temporary of y's size)."""
+
+    def erf(self, x: Any) -> Any:
+        """The error function, elementwise, in place where the backend allows (x is consumed)."""
+
+    def to_numpy(self, x: Any) -> Any:
+        """A backend array as a host numpy array."""
+
+
+def get_backend(device: str = "cpu") -> Backend:
+    """'cpu' -> numpy + scipy.sparse (no torch); anything else ('cuda', 'cuda:1', 'torch:cpu') -> torch."""
+    if device == "cpu":
+        return importlib.import_module(BACKENDS["cpu"]).CpuBackend()
+    torch_device = device.removeprefix("torch:")
+    return importlib.import_module(BACKENDS["torch"]).TorchBackend(torch_device)
+
+
+def backend_of(array: Any) -> Backend:
+    """The backend an array belongs to: numpy arrays -> cpu, torch tensors -> torch on their device."""
+    import sys
+
+    if "torch" in sys.modules:  # an array can only be a tensor if torch was imported
+        import torch
+
+        if isinstance(array, torch.Tensor):
+            return get_backend(f"torch:{array.device}")
+    return get_backend("cpu")

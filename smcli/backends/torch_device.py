@@ -1,0 +1,58 @@
+"""The torch backend: tensors on a torch device (CUDA in production), torch sparse CSR products."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class TorchBackend:
+    """torch on `device`. Imported only when a CUDA device (or, in tests, torch on the CPU) is asked for."""
+
+    def __init__(self, device: str = "cuda") -> None:
+        import array_api_compat.torch as xp
+        import torch
+
+        self.torch = torch
+        self.xp = xp
+        self.device = torch.device(device)
+        self.name = str(self.device)
+
+    def asarray(self, array: Any):
+        torch = self.torch
+        if isinstance(array, torch.Tensor):
+            return array.to(self.device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any):
+        return self.torch.empty(shape, dtype=dtype, device=self.device)  # the caching allocator aligns
+
+    def sparse(self, matrix: Any, dtype: Any):
+        import warnings
+
+        torch = self.torch
+        index_dtype = np.int32 if matrix.nnz < 2**31 - 1 else np.int64  # MKL/cuSPARSE: no conversion
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(matrix.indptr.astype(index_dtype)),
+                torch.from_numpy(matrix.indices.astype(index_dtype)),
+                torch.from_numpy(np.ascontiguousarray(matrix.data)).to(dtype),
+                size=matrix.shape,
+                check_invariants=False,
+            ).to(self.device)
+
+    def addmm(self, base, adj, x, beta: float, alpha: float, out=None):
+        if out is None:
+            return self.torch.addmm(base, adj, x, beta=beta, alpha=alpha)
+        return self.torch.addmm(base, adj, x, beta=beta, alpha=alpha, out=out)
+
+    def axpy(self, y, x, alpha: float) -> None:
+        y.add_(x, alpha=alpha)
+
+    def erf(self, x):
+        return self.torch.special.erf(x)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return x.detach().cpu().numpy()

@@ -1,0 +1,227 @@
+"""Whole-slide images: find a bag's slide, read a thumbnail, paint patch footprints on it, cut patches.
+
+Slides are read with OpenSlide (`pip install 'smcli[slide]'`: openslide-python and the openslide-bin
+wheel, no system library), imported only inside these functions. Coordinates are level-0 pixels:
+a patch at (x, y) with step s covers [x, x + s) × [y, y + s) of level 0.
+
+Painting is vectorized: every patch's footprint is rasterized at thumbnail scale into one value
+canvas with `np.maximum.at` (the hottest patch wins where footprints overlap), looping over the
+pixel offsets of a footprint (a few dozen at 2000 px) — or, when footprints are larger than the
+patch count, over the patches — never over both. Colour and blending are one lookup-table pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smcli.errors import BagError, UsageError
+
+MAX_SIDE_LIMIT = 20_000  # longest thumbnail side we agree to draw (a 20k x 20k RGB canvas is 1.2 GB)
+MAX_OVERLAP = 64  # patches painted per canvas pixel, on average, before we call the step wrong
+MAX_CROP_PIXELS = 4096 * 4096  # one top-patch crop at level 0
+SLIDE_EXTRA = "reading slides needs OpenSlide: pip install 'smcli[slide]'"
+
+
+def require_openslide():
+    """The openslide module, or UsageError naming the extra to install."""
+    try:
+        import openslide
+    except (ImportError, OSError):  # OSError: the package is there but its library is not
+        raise UsageError(SLIDE_EXTRA) from None
+    return openslide
+
+
+def find_slide(slide: Path, bag_id: str) -> Path:
+    """The slide for `bag_id`: `slide` itself when it is a file, else the file in that directory whose
+    name is bag_id plus an extension (`slide_01.svs`, `slide_01.ome.tiff`). BagError when none is."""
+    if not slide.is_dir():
+        return slide
+    matches = sorted(
+        p
+        for p in slide.iterdir()
+        if p.name.startswith(f"{bag_id}.") and p.is_file() and _extension(p.name[len(bag_id) :])
+    )
+    if not matches:
+        raise BagError(f"{slide}: no slide for bag {bag_id!r} (looked for {bag_id}.<extension>)")
+    if len(matches) > 1:
+        openslide = require_openslide()
+        readable = [p for p in matches if openslide.OpenSlide.detect_format(str(p))]
+        if len(readable) != 1:
+            names = ", ".join(p.name for p in matches)
+            raise BagError(f"{slide}: {len(matches)} slides match bag {bag_id!r} ({names}); keep one")
+        return readable[0]
+    return matches[0]
+
+
+def _extension(rest: str) -> bool:
+    """'.svs' or '.ome.tiff': one or two short alphanumeric suffixes, nothing else."""
+    parts = rest.split(".")[1:]
+    return 1 <= len(parts) <= 2 and all(0 < len(p) <= 5 and p.isalnum() for p in parts)
+
+
+@dataclass
+class Thumbnail:
+    """The slide at drawing scale: pixels (H, W, 3) uint8, and the level-0 size it stands for."""
+
+    path: Path
+    pixels: np.ndarray
+    level0_size: tuple[int, int]  # (width, height) in level-0 pixels
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sx, sy): level-0 pixels per thumbnail pixel along x and y."""
+        height, width = self.pixels.shape[:2]
+        return self.level0_size[0] / width, self.level0_size[1] / height
+
+
+def open_slide(path: Path):
+    """An OpenSlide handle; BagError (one line, naming the file) when it is missing or unreadable."""
+    openslide = require_openslide()
+    if not path.exists():
+        raise BagError(f"{path}: no such slide file")
+    try:
+        return openslide.OpenSlide(str(path))
+    except (openslide.OpenSlideError, OSError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise BagError(f"{path}: cannot read as a slide ({detail})") from None
+
+
+def read_thumbnail(path: Path, max_side: int) -> Thumbnail:
+    """The whole slide with its longer side about `max_side` px (never enlarged).
+
+    OpenSlide reads the pyramid level just above that size and downsamples it on the fly.
+    """
+    if not 0 < max_side <= MAX_SIDE_LIMIT:
+        raise UsageError(f"--max-side must be in 1..{MAX_SIDE_LIMIT}, got {max_side}")
+    openslide = require_openslide()
+    with open_slide(path) as handle:
+        width, height = handle.dimensions
+        if width < 1 or height < 1:
+            raise BagError(f"{path}: the slide is empty ({width} x {height} pixels)")
+        try:
+            image = handle.get_thumbnail((max_side, max_side))
+        except (openslide.OpenSlideError, OSError, ValueError) as err:
+            raise BagError(f"{path}: cannot read the slide's pixels ({str(err)[:120]})") from None
+    return Thumbnail(path, np.asarray(image.convert("RGB")), (int(width), int(height)))
+
+
+def check_inside(coords: np.ndarray, level0_size: tuple[int, int], where: str, slide: Path) -> None:
+    """BagError unless every patch corner lies on the slide's level 0 (a bag/slide mismatch)."""
+    width, height = level0_size
+    outside = (coords[:, 0] < 0) | (coords[:, 1] < 0) | (coords[:, 0] >= width) | (coords[:, 1] >= height)
+    count = int(outside.sum())
+    if count:
+        far = coords.max(axis=0)
+        raise BagError(
+            f"{where}: {count} of {coords.shape[0]} patches lie outside slide {slide} "
+            f"({width} x {height} px at level 0; coords reach x {far[0]:g}, y {far[1]:g}): "
+            "wrong slide, or coords not in level-0 pixels?"
+        )
+
+
+def footprints(
+    coords: np.ndarray, step: float, shape: tuple[int, int], scale: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each patch's pixel box on a canvas of `shape` (H, W): x0, y0, x1, y1 (N,) int64, end exclusive.
+
+    Ends are rounded like starts, so patches that tile level 0 tile the canvas without gaps or
+    overlaps; a patch narrower than a canvas pixel still gets one pixel.
+    """
+    height, width = shape
+    sx, sy = scale
+    x = np.asarray(coords[:, 0], dtype=np.float64)
+    y = np.asarray(coords[:, 1], dtype=np.float64)
+    x0 = np.clip(np.floor(x / sx + 0.5), 0, width - 1).astype(np.int64)
+    y0 = np.clip(np.floor(y / sy + 0.5), 0, height - 1).astype(np.int64)
+    x1 = np.clip(np.floor((x + step) / sx + 0.5), 0, width).astype(np.int64)
+    y1 = np.clip(np.floor((y + step) / sy + 0.5), 0, height).astype(np.int64)
+    return x0, y0, np.maximum(x1, x0 + 1), np.maximum(y1, y0 + 1)
+
+
+def paint(
+    coords: np.ndarray, step: float, t: np.ndarray, shape: tuple[int, int], scale: tuple[float, float]
+) -> np.ndarray:
+    """(H, W) float32 canvas: t in [0, 1] of the hottest patch covering each pixel, -1 where none.
+
+    coords: (N, 2) level-0 (x, y); t: (N,); scale: level-0 pixels per canvas pixel (sx, sy).
+    """
+    height, width = shape
+    canvas = np.full(height * width, -1.0, dtype=np.float32)
+    if coords.shape[0] == 0:
+        return canvas.reshape(height, width)
+    x0, y0, x1, y1 = footprints(coords, step, shape, scale)
+    values = np.asarray(t, dtype=np.float32)
+    box_w, box_h = x1 - x0, y1 - y0
+    painted = int(np.sum(box_w * box_h))
+    if painted > MAX_OVERLAP * height * width:  # work and memory would grow with the overlap, not the input
+        raise BagError(
+            f"patch footprints of {step:g} px cover the canvas {painted / (height * width):.0f} times over: "
+            "the patch step is far larger than the spacing of the coords; check --patch-size"
+        )
+    most_w, most_h = int(box_w.max()), int(box_h.max())
+    if most_w * most_h <= coords.shape[0]:
+        # the usual case: a few dozen offsets, each one vectorized over all patches; offsets inside
+        # every box (the smallest box) need no mask, the fringe of larger boxes does
+        least_w, least_h = int(box_w.min()), int(box_h.min())
+        base = y0 * width + x0  # (N,) flat index of each box's corner
+        for dy in range(most_h):
+            for dx in range(most_w):
+                if dy < least_h and dx < least_w:
+                    np.maximum.at(canvas, base + (dy * width + dx), values)
+                    continue
+                chosen = (dy < box_h) & (dx < box_w)
+                np.maximum.at(canvas, base[chosen] + (dy * width + dx), values[chosen])
+    else:
+        # few patches, large footprints: one slice per patch, each vectorized over its pixels
+        grid = canvas.reshape(height, width)
+        for i in np.argsort(values, kind="stable"):  # hottest last, so it wins
+            box = grid[y0[i] : y1[i], x0[i] : x1[i]]
+            np.maximum(box, values[i], out=box)
+    return canvas.reshape(height, width)
+
+
+def blend(pixels: np.ndarray, canvas: np.ndarray, lut: np.ndarray, alpha: float) -> np.ndarray:
+    """(H, W, 3) uint8: rint((1 - alpha) * slide + alpha * lut colour) where canvas >= 0, else the slide.
+
+    pixels: (H, W, 3) uint8; canvas: (H, W) from `paint`; lut: (L, 3) uint8 colours for t = 0..1.
+    Every (slide value, colour level) pair is mixed once into a (256, L + 1) table per channel, the
+    extra column meaning "no patch: keep the slide", so the frame is one gather per channel.
+    """
+    levels = lut.shape[0]
+    code = np.where(canvas >= 0, np.rint(canvas * (levels - 1)), levels).astype(np.intp)  # (H, W)
+    slide_values = np.arange(256, dtype=np.float64)[:, None]  # (256, 1)
+    out = np.empty_like(pixels)
+    for channel in range(3):
+        table = np.empty((256, levels + 1), dtype=np.uint8)
+        mixed = (1.0 - alpha) * slide_values + alpha * lut[None, :, channel].astype(np.float64)
+        table[:, :levels] = np.clip(np.rint(mixed), 0, 255)
+        table[:, levels] = np.arange(256)
+        flat = pixels[..., channel].astype(np.intp) * (levels + 1) + code  # (H, W)
+        out[..., channel] = table.reshape(-1)[flat]
+    return out
+
+
+def read_patches(path: Path, coords: np.ndarray, size: int) -> list[np.ndarray]:
+    """Level-0 crops (size, size, 3) uint8 at each (x, y) of coords (K, 2); outside the slide is white."""
+    if size * size > MAX_CROP_PIXELS:
+        raise UsageError(f"{path}: patches of {size} px are too large to cut (at most 4096)")
+    openslide = require_openslide()
+    crops = []
+    with open_slide(path) as handle:
+        for x, y in np.asarray(coords, dtype=np.float64):
+            try:
+                region = handle.read_region((int(x), int(y)), 0, (size, size))
+            except (openslide.OpenSlideError, OSError, ValueError) as err:
+                raise BagError(f"{path}: cannot read a patch at ({x:g}, {y:g}) ({str(err)[:120]})") from None
+            crops.append(_on_white(np.asarray(region)))
+    return crops
+
+
+def _on_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) premultiplied-free RGBA from OpenSlide -> (H, W, 3) RGB over white."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+    return np.rint(rgb).astype(np.uint8)
