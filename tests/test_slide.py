@@ -303,8 +303,8 @@ def test_blend_leaves_uncovered_pixels_alone():
     np.testing.assert_array_equal(out[1, 2], np.rint(0.5 * pixels[1, 2] + 50))
 
 
-def test_drawing_from_a_table_does_not_import_torch(tmp_path, slide):
-    """heatmap (slide, top patches) and geojson from tables stay torch-free (in a fresh interpreter)."""
+def test_drawing_from_a_table_imports_neither_torch_nor_the_scorer(tmp_path, slide):
+    """heatmap (slide, top patches) and geojson from tables stay torch- and model-free (fresh interpreter)."""
     import subprocess
 
     slide_path, _ = slide
@@ -319,7 +319,8 @@ def test_drawing_from_a_table_does_not_import_torch(tmp_path, slide):
         "request = HeatmapRequest([table], out / 'm.png', slide=slide, max_side=300, top_patches=2)\n"
         "assert all(not r.error for r in run_heatmap(request))\n"
         "assert all(not r.error for r in run_geojson(GeoJsonRequest([table], out / 'a.geojson')))\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchmil')))\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchmil')]\n"
+        "print(sorted(loaded + [m for m in ('smcli.model', 'smcli.scoring') if m in sys.modules]))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
