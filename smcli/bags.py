@@ -1,10 +1,9 @@
-"""Read bags (features + coordinates), validate them, and work out their patch geometry.
+"""Load bags (features + coordinates), validate them, and work out their patch geometry.
 
-A safetensors bag holds `features` (N, D) [or (1, N, D)] in float16/bfloat16/float32/float64 and
-`coords` (N, 2), integer or float, plus optional string metadata `patch_size` and `bag_id`.
-HDF5 bags (TRIDENT, CLAM, STAMP) are recognised by their signature, whatever the file is called,
-and read by smcli.h5bags; both readers end in the same checks (`validate_tensors`).
-Every problem is a BagError whose message starts with the file name.
+The file formats live in smcli.readers (safetensors, and TRIDENT/CLAM/STAMP HDF5 recognised by
+their signature whatever the file is called); every reader's RawBag ends in the same checks here
+(`validate_tensors`) and becomes a `Bag`. Every problem is a BagError whose message starts with
+the file name.
 """
 
 from __future__ import annotations
@@ -17,20 +16,13 @@ import numpy as np
 
 from smcli.errors import BagError
 from smcli.graph import infer_patch_step
+from smcli.readers import BagKeys, RawBag, reader_for
 from smcli.tensorfile import Unreadable
+
+__all__ = ["Bag", "BagKeys", "Geometry", "find_bags", "load_bag", "peek_bag_id", "resolve_geometry"]
 
 FEATURE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 BAG_SUFFIXES = (".safetensors", ".h5", ".hdf5")
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 of every file h5py writes (no user block)
-
-
-@dataclass(frozen=True)
-class BagKeys:
-    """Tensor names inside a bag file."""
-
-    features: str = "features"
-    coords: str = "coords"
-    labels: str = "labels"
 
 
 @dataclass
@@ -88,69 +80,38 @@ def find_bags(inputs: list[Path]) -> list[Path]:
 
 def is_hdf5(path: Path) -> bool:
     """True if the file starts with the HDF5 signature (content, not extension, decides)."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
-    except OSError:
-        return False
+    from smcli.readers import h5
+
+    return h5.claims(path)
 
 
 def peek_bag_id(path: Path) -> str:
-    """The bag id from the file's header alone (no tensor is read); the file stem if unreadable."""
-    if is_hdf5(path):  # h5 bags carry no bag id: the stem, as for their own tools
-        return path.stem
-    from smcli.tensorfile import read_metadata
-
-    try:
-        return read_metadata(path).get("bag_id") or path.stem
-    except Exception:  # the real read reports what is wrong with the file
-        return path.stem
+    """The bag id from the file's header alone (no tensor is read); the file stem if it has none."""
+    return reader_for(path).peek_bag_id(path) or path.stem
 
 
 def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Bag:
-    """Read and validate one bag: HDF5 if the file says so, safetensors otherwise."""
+    """Read one bag with the reader that claims it, validate it, and make the Bag."""
     path = Path(path)
     if not path.exists():
         raise _fail(path, "no such file")
     if path.is_dir():
         raise _fail(path, "is a directory, not a bag file")
-    if is_hdf5(path):
-        from smcli.h5bags import load_h5_bag
-
-        return load_h5_bag(path, keys, with_labels)
-    return _load_safetensors_bag(path, keys, with_labels)
+    raw = reader_for(path).read(path, keys, with_labels)
+    return bag_from_raw(path, raw)
 
 
-def _load_safetensors_bag(path: Path, keys: BagKeys, with_labels: bool) -> Bag:
-    from safetensors import SafetensorError
-
-    from smcli.tensorfile import read_safetensors
-
-    try:
-        wanted = [keys.features, keys.coords] + ([keys.labels] if with_labels else [])
-        read = read_safetensors(path, wanted)
-    except PermissionError:
-        raise _fail(path, "permission denied") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _fail(
-            path, f"not a safetensors bag or corrupt header ({detail[:120]}); not an HDF5 file either"
-        ) from None
-    names, metadata = read.names, read.metadata
-    for key in (keys.features, keys.coords):
-        if key not in names:
-            raise _fail(path, f"no '{key}' tensor (keys present: {', '.join(sorted(names)) or 'none'})")
-    features, coords, labels = validate_tensors(
-        path, read.tensors[keys.features], read.tensors[keys.coords], read.tensors.get(keys.labels), keys
-    )
+def bag_from_raw(path: Path, raw: RawBag) -> Bag:
+    """The checks every format ends in, then the Bag."""
+    features, coords, labels = validate_tensors(path, raw.features, raw.coords, raw.labels, raw.names)
+    metadata = dict(raw.metadata)
     patch_size = None
-    metadata["format"] = "safetensors"
-    if "patch_size" in metadata:
-        patch_size = parse_patch_size(path, metadata["patch_size"], "metadata patch_size")
-        metadata["patch_size_source"] = "metadata['patch_size']"
-    bag_id = metadata.get("bag_id") or path.stem
+    if raw.step is not None:
+        where, value = raw.step
+        patch_size = parse_patch_size(path, value, where)
+        metadata["patch_size_source"] = where
     return Bag(
-        path, bag_id, features, coords, patch_size, labels, metadata, read.stored_dtypes[keys.features]
+        path, raw.bag_id or path.stem, features, coords, patch_size, labels, metadata, raw.features_dtype
     )
 
 

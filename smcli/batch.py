@@ -15,7 +15,8 @@ from pathlib import Path
 from smcli.bags import find_bags
 from smcli.errors import Interrupted, OutputError, UsageError
 from smcli.interrupts import GUARD
-from smcli.scoring import BagResult, ScoreOptions, resolve_device, score_bags
+from smcli.results import BagResult
+from smcli.scoring import ScoreOptions, resolve_device, score_bags
 
 
 @dataclass(frozen=True)

@@ -268,9 +268,9 @@ def verify_state(module, tensors: dict, path: Path) -> None:
 
 def save_checkpoint(tensors: dict, config: ModelConfig, out: Path) -> None:
     """Write tensors (numpy or torch; bfloat16 widened to float32) + config as a checkpoint, atomically."""
+    from smcli.files import atomic_path
     from smcli.model import to_numpy
     from smcli.tensorfile import write_safetensors
-    from smcli.writers import atomic_path
 
     payload = {key: to_numpy(value) for key, value in tensors.items()}
     with atomic_path(out) as tmp:

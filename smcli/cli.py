@@ -250,7 +250,7 @@ def convert_bag(
         smcli convert-bag trident/features_uni_v1/slide_01.h5 -o bags/slide_01.safetensors
     """
     from smcli.bags import BagKeys
-    from smcli.h5bags import convert_to_safetensors
+    from smcli.convert_bag import convert_to_safetensors
 
     try:
         bag = convert_to_safetensors(source, output, BagKeys(features_key, coords_key, labels_key), overwrite)

@@ -370,7 +370,7 @@ def target_path(output: Path, bag_id: str) -> Path:
     """OUT itself when it names a .png; otherwise OUT/<bag_id>.png."""
     if output.suffix.lower() == ".png":
         return output
-    from smcli.writers import safe_bag_id
+    from smcli.files import safe_bag_id
 
     if not safe_bag_id(bag_id):
         raise OutputError(f"{output}: bag_id {bag_id!r} cannot be used as a file name")
@@ -379,7 +379,7 @@ def target_path(output: Path, bag_id: str) -> Path:
 
 def save_figure(figure, path: Path) -> None:
     """savefig as PNG, atomically; OutputError when it cannot be written."""
-    from smcli.writers import atomic_path
+    from smcli.files import atomic_path
 
     try:
         with atomic_path(path) as tmp:
@@ -392,7 +392,7 @@ def save_rgb(pixels: np.ndarray, path: Path) -> None:
     """(H, W, 3) uint8 as a PNG of exactly those pixels, atomically (Pillow)."""
     from PIL import Image
 
-    from smcli.writers import atomic_path
+    from smcli.files import atomic_path
 
     try:
         with atomic_path(path) as tmp:
@@ -447,12 +447,20 @@ def run_heatmap(request: HeatmapRequest) -> Iterator[HeatmapResult]:
         single_suffix=".png",
     )
     prepare_output(values_request)
+    one_slide_for = None  # the bag a single --slide file was used for: it cannot be every bag's slide
     for item in iter_values(values_request):
         if isinstance(item, Failed):
             yield HeatmapResult(item.source, error=item.error)
             continue
         result = HeatmapResult(item.source, item.bag_id, warnings=list(item.warnings))
         try:
+            if request.slide is not None and not request.slide.is_dir():
+                if one_slide_for is not None:
+                    raise BagError(
+                        f"{item.source}: {item.bag_id}: --slide {request.slide} is the slide of "
+                        f"{one_slide_for}; give a directory of slides to draw several bags"
+                    )
+                one_slide_for = item.bag_id
             draw_bag(item, request, result)
         except (BagError, OutputError) as err:
             result.error = str(err)

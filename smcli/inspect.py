@@ -16,7 +16,7 @@ from smcli.bags import BagKeys, is_hdf5, load_bag, resolve_geometry
 from smcli.checkpoint import CONFIG_KEY, LoadedModel, load_model
 from smcli.errors import BagError
 from smcli.graph import DEFAULT_DIST_THR, GraphError, build_adjacency, grid_cells_with_origin
-from smcli.h5bags import COORDS_UNITS
+from smcli.readers import COORDS_UNITS
 from smcli.tensorfile import SAFETENSORS_DTYPES, read_metadata
 
 STEP_ORIGINS = {
@@ -137,7 +137,7 @@ def bag_info(
 def list_tensors(path: Path) -> list[dict[str, Any]]:
     """Name, shape and dtype of every tensor (safetensors) or dataset (HDF5), read from headers only."""
     if is_hdf5(path):
-        from smcli.h5bags import dataset_names, import_h5py
+        from smcli.readers.h5 import dataset_names, import_h5py
 
         h5py = import_h5py(path)
         with h5py.File(path, "r") as handle:
@@ -164,7 +164,7 @@ def list_tensors(path: Path) -> list[dict[str, Any]]:
 
 def h5_attributes(path: Path) -> dict[str, dict[str, Any]]:
     """Attributes of the file root ('/') and of every dataset that has some, JSON-ready."""
-    from smcli.h5bags import dataset_names, import_h5py
+    from smcli.readers.h5 import dataset_names, import_h5py
 
     h5py = import_h5py(path)
     found: dict[str, dict[str, Any]] = {}

@@ -38,7 +38,7 @@ ACTIVATIONS = ("tanh", "relu", "gelu")
 
 SOLVE_RTOL = 1e-10  # bound on the relative error (energy norm) of the exact solve, in float64
 SOLVE_BLOCK_COLUMNS = 32  # columns solved together: amortizes the sparse reads, stays in cache
-MAX_SOLVE_STEPS = 1000  # ~ coef 3000 on a normalized graph; beyond, refuse instead of running minutes
+MAX_SOLVE_STEPS = 1000  # ~ coef 2500 on a normalized graph; beyond, refuse instead of running minutes
 RESIDUAL_RTOL = 1e-6  # ||M g - f|| / ||f|| accepted after the solve (float64; scores are float32)
 BOUND_MARGIN = 1e-12  # relative slack on the spectral bound: rounding in the row sums
 

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from smcli.scoring import BagResult
+from smcli.results import BagResult
 
 LOG_EVERY_SECONDS = 30.0
 

@@ -6,9 +6,8 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -23,8 +22,8 @@ from smcli.graph import (
     grid_cells_with_origin,
     infer_patch_step,
 )
+from smcli.results import INSTANCE_COLUMNS, BagResult, BagSummary  # noqa: F401  (the API's names too)
 
-INSTANCE_COLUMNS = ["bag_id", "instance", "x", "y", "attention_logit", "attention_weight"]
 LOW_MEAN_DEGREE = 2.0
 
 
@@ -37,68 +36,6 @@ class ScoreOptions:
     dist_thr: float | None = None
     device: str = "cpu"
     top_k: int | None = None  # keep only the K highest-attention patches (ties: lower instance first)
-
-
-@dataclass
-class BagSummary:
-    """One row of `_bags.csv`."""
-
-    bag_id: str
-    path: str
-    n_instances: int | None = None
-    n_edges: int | None = None
-    logit: float | None = None
-    probability: float | None = None
-    status: str = "ok"
-    error: str = ""
-    seconds: float = 0.0
-    patch_step: float | None = None
-    patch_step_source: str = ""
-    dist_thr: float | None = None
-    warnings: list[str] = field(default_factory=list)
-    auroc: float | None = None  # attention_logit vs instance labels, when the bag has both classes
-    input_bytes: int | None = None
-    model_sha256: str = ""
-    device: str = ""
-    smcli_version: str = ""
-    scored_at: str = ""  # UTC, ISO 8601; kept out of the tables so they are reproducible
-
-    def provenance(self, model_config_json: str = "") -> dict[str, str]:
-        """Key-value metadata for a bag's table: how its numbers were made (no wall-clock time)."""
-        fields = {
-            "smcli_version": self.smcli_version,
-            "bag_id": self.bag_id,
-            "input_path": self.path,
-            "input_bytes": self.input_bytes,
-            "model_sha256": self.model_sha256,
-            "model_config": model_config_json,
-            "patch_step": self.patch_step,
-            "patch_step_source": self.patch_step_source,
-            "dist_thr": self.dist_thr,
-            "n_edges": self.n_edges,
-            "device": self.device,
-        }
-        return {f"smcli.{key}": "" if value is None else str(value) for key, value in fields.items()}
-
-
-@dataclass
-class BagResult:
-    """A bag's summary row and, when it was scored, its per-instance table."""
-
-    summary: BagSummary
-    arrow: Any = None  # pyarrow.Table with INSTANCE_COLUMNS (+ label); None when not scored
-    _frame: Any = field(default=None, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.summary.status == "ok"
-
-    @property
-    def table(self):
-        """The per-instance table as a pandas DataFrame (converted on first use), or None."""
-        if self.arrow is not None and self._frame is None:
-            self._frame = self.arrow.to_pandas()
-        return self._frame
 
 
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present whenever the NVIDIA kernel driver is loaded

@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from smcli.errors import OutputError, UsageError
-from smcli.interrupts import GUARD
-from smcli.scoring import BagResult, BagSummary
+from smcli.files import MAX_BAG_ID_BYTES, atomic_path, safe_bag_id  # noqa: F401  (also imported from here)
+from smcli.results import BagResult, BagSummary
 
 BAGS_COLUMNS = [  # the first nine are the core columns; localization and provenance follow
     "bag_id",
@@ -41,35 +41,6 @@ BAGS_COLUMNS = [  # the first nine are the core columns; localization and proven
     "scored_at",
 ]
 FORMATS = ("csv", "parquet")
-MAX_BAG_ID_BYTES = 200  # leaves room for the suffix and the temporary-file prefix in a 255-byte name
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path, commit: Callable[[], None] | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
-
-    `commit`, if given, runs right after the rename, and an interrupt cannot fall between the two.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        # some writers (safetensors) create 0600 files: give the usual umask-based permissions
-        os.chmod(tmp, 0o666 & ~_umask())
-        with GUARD.critical():
-            os.replace(tmp, path)
-            if commit is not None:
-                commit()
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def _describe_os_error(err: OSError) -> str:
@@ -440,14 +411,3 @@ def skipped_result(path: Path, bag_id: str, previous: dict | None) -> BagResult:
             if value not in ("", None):
                 setattr(summary, name, value)
     return BagResult(summary)
-
-
-def safe_bag_id(bag_id: str) -> bool:
-    """A bag id usable as a file name inside the output directory."""
-    return (
-        bool(bag_id)
-        and len(bag_id.encode("utf-8", "surrogateescape")) <= MAX_BAG_ID_BYTES
-        and bag_id not in (".", "..")
-        and not bag_id.startswith("_bags")
-        and not any(ch in bag_id for ch in "/\\\0")
-    )

@@ -206,7 +206,6 @@ def test_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="bags/h5bags, checkpoint/writers/scoring: being untangled")
 def test_the_package_import_graph_has_no_cycles():
     graph = import_graph()
     assert {"smcli.cli", "smcli.model", "smcli.bags"} <= set(graph)

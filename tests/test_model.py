@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torchmil.models import SmABMIL as TorchmilSmABMIL
 from torchmil.nn import SmAttentionPool as TorchmilPool
@@ -27,6 +27,9 @@ BACKENDS = [
     "torch:cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
 ]
+
+
+AVAILABLE_BACKENDS = ["cpu", "torch:cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def as_numpy(array) -> np.ndarray:
@@ -83,10 +86,10 @@ def features():
     return {name: torch.randn(len(coords), IN_DIM, generator=generator) for name, coords in BAGS.items()}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bag", sorted(BAGS))
 @pytest.mark.parametrize("mode,where,spectral,alpha,act,head", CONFIGS)
-def test_attention_logits_match_torchmil(backend, bag, features, mode, where, spectral, alpha, act, head):
+def test_attention_logits_match_torchmil(bag, features, mode, where, spectral, alpha, act, head):
+    """Every config, on every backend available (the torchmil oracle is computed once per config)."""
     coords = BAGS[bag]
     X = features[bag]
     oracle = torchmil_model(mode, where, spectral, alpha, act, head)
@@ -95,22 +98,21 @@ def test_attention_logits_match_torchmil(backend, bag, features, mode, where, sp
     adj = adj_sparse.to_dense() if mode == "exact" else adj_sparse
     with torch.no_grad():
         out = oracle(X[None], adj[None], return_att=True)
-    expected_logits = out[1][0]
-
-    ours = smcli_model(mode, where, spectral, alpha, act, head).to(backend)
-    ours.load_state_dict(oracle.state_dict(), strict=True)
+    expected = out[1][0].numpy()
     adjacency = build_adjacency(grid_cells(coords, PATCH))
-    result = ours.attention(X.numpy(), adjacency)
-    expected = expected_logits.numpy()
-    assert np.abs(as_numpy(result.attention_logit) - expected).max() <= 1e-5
-    reference = ours.forward_reference(X.numpy(), adjacency)
-    if head:
-        assert abs(result.bag_logit - float(out[0][0])) <= 1e-5
-        assert abs(float(reference[0]) - float(out[0][0])) <= 1e-5
-    else:
-        assert result.bag_logit is None
-        assert np.abs(as_numpy(reference[0]) - out[0][0].numpy()).max() <= 1e-5  # z, the bag vector
-    assert np.abs(as_numpy(reference[1]) - expected).max() <= 1e-5
+    for backend in AVAILABLE_BACKENDS:
+        ours = smcli_model(mode, where, spectral, alpha, act, head).to(backend)
+        ours.load_state_dict(oracle.state_dict(), strict=True)
+        result = ours.attention(X.numpy(), adjacency)
+        assert np.abs(as_numpy(result.attention_logit) - expected).max() <= 1e-5, backend
+        reference = ours.forward_reference(X.numpy(), adjacency)
+        if head:
+            assert abs(result.bag_logit - float(out[0][0])) <= 1e-5, backend
+            assert abs(float(reference[0]) - float(out[0][0])) <= 1e-5, backend
+        else:
+            assert result.bag_logit is None
+            assert np.abs(as_numpy(reference[0]) - out[0][0].numpy()).max() <= 1e-5, backend  # z
+        assert np.abs(as_numpy(reference[1]) - expected).max() <= 1e-5, backend
 
 
 @pytest.mark.parametrize(
@@ -253,3 +255,108 @@ def test_scores_do_not_depend_on_where_the_features_sit_in_memory(offset, dtype,
     moved = model.attention(shifted, adj)
     assert np.array_equal(reference.attention_logit, moved.attention_logit)
     assert reference.bag_logit == moved.bag_logit
+
+
+# ---------------------------------------------------------------------------------------------
+# the exact solver on adjacencies that are not torchmil's normalized ones
+
+
+def binary_adjacency(coords: np.ndarray) -> scipy.sparse.csr_matrix:
+    """The unnormalized 0/1 neighbour matrix of a bag (torchmil's norm_adj=False graph)."""
+    adjacency = build_adjacency(grid_cells(coords, PATCH)).to_scipy()
+    adjacency.data[:] = 1.0
+    return adjacency
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["early", "mid", "late"])
+@pytest.mark.parametrize("alpha", [0.1, "trainable"])
+def test_exact_on_an_unnormalized_adjacency_matches_torchmils_dense_solve(features, backend, where, alpha):
+    """Row sums up to 8: the old solver assumed eigenvalues in [-1, 1] and gave ~1e9 here."""
+    coords = BAGS["tricky"]
+    oracle = torchmil_model("exact", where, False, alpha, "gelu", True)
+    state = oracle.state_dict()
+    if "pool.sm.sm.coef" in state:
+        state["pool.sm.sm.coef"] = torch.tensor(0.12)  # (1 + c) - 8 c > 0: positive definite
+    oracle.load_state_dict(state)
+    adjacency = binary_adjacency(coords)
+    X = features["tricky"]
+    dense = torch.from_numpy(adjacency.toarray()).float()
+    with torch.no_grad():
+        bag_logit, logits = oracle(X[None], dense[None], return_att=True)
+    ours = smcli_model("exact", where, False, alpha, "gelu", True).to(backend)
+    ours.load_state_dict(oracle.state_dict())
+    result = ours.attention(X.numpy(), adjacency)
+    assert np.abs(as_numpy(result.attention_logit) - logits[0].numpy()).max() <= 1e-5
+    assert abs(result.bag_logit - float(bag_logit[0])) <= 1e-5
+
+
+def test_exact_refuses_what_it_cannot_prove_positive_definite():
+    coords = BAGS["tricky"]
+    adjacency = binary_adjacency(coords)
+    signal = np.random.default_rng(0).standard_normal((len(coords), 4))
+    with pytest.raises(SmSolveError, match="not provably positive definite.*bounded by [67]"):
+        exact_sm(signal, adjacency, 2.7)  # torchmil solves an indefinite system here
+
+
+@pytest.mark.parametrize(
+    "coef,outcome",
+    [
+        (float("nan"), "finite"),
+        (float("inf"), "finite"),
+        (-float("inf"), "finite"),
+        (1e12, "positive definite"),
+        (1e5, "ill-conditioned"),
+        (-0.5, "positive definite"),
+        (1e-17, None),
+        (-1e-30, None),
+        (0.0, None),
+        (1000.0, None),
+    ],
+)
+def test_extreme_coefficients_are_solved_or_refused_quickly(coef, outcome):
+    coords = BAGS["tricky"]
+    adjacency = build_adjacency(grid_cells(coords, PATCH))
+    signal = np.random.default_rng(1).standard_normal((len(coords), 3))  # float64 in, float64 out
+    if outcome is not None:
+        with pytest.raises(SmSolveError, match=outcome):
+            exact_sm(signal, adjacency, coef)
+        return
+    solution = exact_sm(signal, adjacency, coef)
+    system = (1 + coef) * scipy.sparse.identity(len(coords)) - coef * adjacency.to_scipy()
+    residual = np.linalg.norm(system @ solution - signal) / np.linalg.norm(signal)
+    assert residual <= 1e-6
+    if abs(coef) < 1e-12:
+        assert np.array_equal(solution, signal)  # ~identity, exactly
+
+
+@st.composite
+def symmetric_systems(draw):
+    """A random symmetric sparse matrix (weights of either sign, isolated rows), a coef, a signal."""
+    n = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    density = draw(st.floats(0.0, 0.5))
+    scale = draw(st.sampled_from([0.1, 1.0, 3.0]))
+    dense = rng.standard_normal((n, n)) * scale * (rng.random((n, n)) < density)
+    if draw(st.booleans()):
+        dense = np.abs(dense)
+    dense = np.triu(dense, 1)
+    matrix = scipy.sparse.csr_matrix(dense + dense.T)
+    coef = draw(st.one_of(st.floats(-0.6, 5.0), st.sampled_from([1e-9, 50.0, 1e4, -1e-12])))
+    signal = rng.standard_normal((n, draw(st.integers(1, 40))))
+    return matrix, coef, signal
+
+
+@settings(max_examples=300, deadline=None)
+@given(system=symmetric_systems())
+def test_exact_solve_has_a_small_residual_or_raises(system):
+    matrix, coef, signal = system
+    try:
+        solution = exact_sm(signal, matrix, coef)
+    except SmSolveError as err:
+        event("refused: " + ("not provably SPD" if "positive definite" in str(err) else "ill-conditioned"))
+        return
+    event("solved")
+    M = (1 + coef) * scipy.sparse.identity(matrix.shape[0]) - coef * matrix
+    assert np.linalg.norm(M @ solution - signal) <= 1e-6 * np.linalg.norm(signal)

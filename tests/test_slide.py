@@ -169,6 +169,51 @@ def test_slide_directory_finds_each_bag_and_names_the_one_without(tmp_path, slid
     assert find_slide(slides, "a") == slides / "a.tif"
 
 
+def test_one_slide_file_serves_one_bag(tmp_path, slide):
+    slide_path, _ = slide
+    both = pd.concat([patch_table(tmp_path / "x.csv", "a"), patch_table(tmp_path / "y.csv", "b")])
+    both.to_csv(tmp_path / "both.csv", index=False)
+    out = tmp_path / "maps"
+    result = invoke("heatmap", tmp_path / "both.csv", "-o", out, "--slide", slide_path, "--max-side", 400)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"smcli: wrote {out / 'a.png'}",
+        f"error: {tmp_path / 'both.csv'}: b: --slide {slide_path} is the slide of a; "
+        "give a directory of slides to draw several bags",
+    ]
+
+
+coordinate = st.one_of(
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, 1599, 1600, 1199, 1200, -1]),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    points=st.lists(st.tuples(coordinate, coordinate), min_size=1, max_size=6),
+    patch_size=st.one_of(st.none(), st.floats(0.01, 1e7)),
+)
+def test_any_table_on_a_slide_draws_or_fails_in_one_line(tmp_path_factory, slide, points, patch_size):
+    """Junk coords (negative, huge, NaN, inf, off-grid) and any step: a PNG or one error line, exit 0/1."""
+    slide_path, _ = slide
+    folder = tmp_path_factory.mktemp("fuzz")
+    frame = pd.DataFrame(points, columns=["x", "y"]).assign(attention_logit=np.arange(len(points)) * 0.5)
+    frame.to_csv(folder / "t.csv", index=False)
+    extra = [] if patch_size is None else ["--patch-size", repr(patch_size)]
+    result = invoke(
+        "heatmap", folder / "t.csv", "-o", folder / "t.png", "--slide", slide_path, "--max-side", 300, *extra
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code in (0, 1) and len(lines) == 1, result.stderr
+    if result.exit_code == 0:
+        assert lines[0] == f"smcli: wrote {folder / 't.png'}"
+        assert (np.asarray(frame[["x", "y"]]) >= 0).all() and Image.open(folder / "t.png").size[0] > 300
+    else:
+        assert lines[0].startswith(f"error: {folder / 't.csv'}: ") and not (folder / "t.png").exists()
+
+
 @pytest.mark.parametrize(
     "case, exit_code, message",
     [
@@ -256,3 +301,27 @@ def test_blend_leaves_uncovered_pixels_alone():
     assert (out[canvas < 0] == pixels[canvas < 0]).all()
     np.testing.assert_array_equal(out[0, 2], np.rint(0.5 * pixels[0, 2] + 100))
     np.testing.assert_array_equal(out[1, 2], np.rint(0.5 * pixels[1, 2] + 50))
+
+
+def test_drawing_from_a_table_does_not_import_torch(tmp_path, slide):
+    """heatmap (slide, top patches) and geojson from tables stay torch-free (in a fresh interpreter)."""
+    import subprocess
+
+    slide_path, _ = slide
+    patch_table(tmp_path / "a.csv")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from smcli.heatmap import HeatmapRequest, run_heatmap\n"
+        "from smcli.geojson import GeoJsonRequest, run_geojson\n"
+        f"out, slide = Path({str(tmp_path)!r}), Path({str(slide_path)!r})\n"
+        "table = out / 'a.csv'\n"
+        "request = HeatmapRequest([table], out / 'm.png', slide=slide, max_side=300, top_patches=2)\n"
+        "assert all(not r.error for r in run_heatmap(request))\n"
+        "assert all(not r.error for r in run_geojson(GeoJsonRequest([table], out / 'a.geojson')))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchmil')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "m.png").exists() and (tmp_path / "a.geojson").exists()

@@ -1,4 +1,4 @@
-"""Read HDF5 bags as the common patch-feature tools write them, into the same `Bag` as safetensors.
+"""The HDF5 bag reader: files as the common patch-feature tools write them (smcli.readers' interface).
 
 Layouts (dataset names are the defaults; --features-key / --coords-key / --labels-key override):
 
@@ -23,16 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from smcli.bags import Bag, BagKeys, parse_patch_size, validate_tensors
 from smcli.errors import BagError
+from smcli.readers import COORDS_UNITS, BagKeys, RawBag
 
 STAMP_FEATURES = ("feats", "patch_embeddings")  # tried, in order, when --features-key is the default
-COORDS_UNITS = {
-    "trident": "level-0 pixels",
-    "clam": "level-0 pixels",
-    "safetensors": "level-0 pixels",
-    "stamp": "micrometres",
-}
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 of every file h5py writes (no user block)
 
 
 def _fail(path: Path, message: str) -> BagError:
@@ -57,8 +52,22 @@ def dataset_names(handle) -> list[str]:
     return sorted(names)
 
 
-def load_h5_bag(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Bag:
-    """Read and validate one HDF5 bag (TRIDENT, CLAM, STAMP or plain h5)."""
+def claims(path: Path) -> bool:
+    """True if the file starts with the HDF5 signature (content, not extension, decides)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def peek_bag_id(path: Path) -> str | None:
+    """h5 bags carry no bag id: the caller uses the file stem, as the tools that wrote them do."""
+    return None
+
+
+def read(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> RawBag:
+    """Read one HDF5 bag (TRIDENT, CLAM, STAMP or plain h5) as stored; smcli.bags validates it."""
     h5py = import_h5py(path)
     try:
         with h5py.File(path, "r") as handle:
@@ -80,24 +89,22 @@ def load_h5_bag(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True)
         raise _fail(path, f"not a readable HDF5 bag ({detail[:120]})") from None
 
     names_used = BagKeys(features_name, coords_name, keys.labels)
-    arrays = (
-        _numeric(path, features, features_name),
-        _numeric(path, coords, coords_name),
-        None if labels is None else _numeric(path, labels, keys.labels),
-    )
-    features_np, coords_np, labels_np = validate_tensors(path, *arrays, names_used)
-
     fmt = detect_format(features_name, coords_name, root_attrs, coords_attrs)
     metadata = {"format": fmt}
     if fmt in COORDS_UNITS:
         metadata["coords_units"] = COORDS_UNITS[fmt]
-    patch_size = None
     found = _step_attribute(fmt, root_attrs, coords_attrs, coords_name)
-    if found is not None:
-        where, value = found
-        patch_size = parse_patch_size(path, _attr_value(value), where)
-        metadata["patch_size_source"] = where
-    return Bag(path, path.stem, features_np, coords_np, patch_size, labels_np, metadata)
+    step = None if found is None else (found[0], _attr_value(found[1]))
+    return RawBag(
+        features=_numeric(path, features, features_name),
+        coords=_numeric(path, coords, coords_name),
+        labels=None if labels is None else _numeric(path, labels, keys.labels),
+        names=names_used,
+        metadata=metadata,
+        bag_id=path.stem,
+        features_dtype=str(features.dtype),
+        step=step,
+    )
 
 
 def detect_format(features_name: str, coords_name: str, root_attrs: dict, coords_attrs: dict) -> str:
@@ -166,46 +173,3 @@ def _attr_value(value):
         item = array.reshape(()).item()
         return item.decode("utf-8", errors="replace") if isinstance(item, bytes) else item
     return value
-
-
-OWN_METADATA = ("format", "patch_size_source")  # what the readers add; not the file's own
-
-
-def convert_to_safetensors(path: Path, out: Path, keys: BagKeys = BagKeys(), overwrite: bool = False) -> Bag:
-    """`smcli convert-bag`: any readable bag -> a safetensors bag, written atomically.
-
-    Tensors `features` (N, D) as stored (bfloat16, which numpy cannot write, as float32: the same
-    values), `coords` (N, 2) as stored, `labels` (N,) uint8 when present;
-    string metadata `bag_id`, `source_format`, `coords_units` and `patch_size` (when the source
-    knows its step), plus the string metadata of a safetensors source.
-    """
-    from smcli.bags import load_bag
-    from smcli.errors import OutputError, UsageError
-    from smcli.tensorfile import write_safetensors
-    from smcli.writers import atomic_path
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"{out}: the output of convert-bag must end in .safetensors")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out}: output exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: the directory {out.parent} does not exist")
-    bag = load_bag(path, keys)
-    fmt = bag.metadata.get("format", "safetensors")
-    metadata = {k: v for k, v in bag.metadata.items() if k not in OWN_METADATA}
-    metadata["bag_id"] = bag.bag_id
-    metadata.setdefault("source_format", fmt)
-    if fmt != "safetensors" and fmt in COORDS_UNITS:  # known from the tool; never guessed
-        metadata.setdefault("coords_units", COORDS_UNITS[fmt])
-    if bag.patch_size is not None:
-        metadata["patch_size"] = str(float(bag.patch_size))
-    tensors = {"features": bag.features, "coords": bag.coords}
-    if bag.labels is not None:
-        tensors["labels"] = bag.labels.astype(np.uint8)
-    try:
-        with atomic_path(out) as tmp:
-            write_safetensors(tmp, tensors, metadata)
-    except OSError as err:
-        raise OutputError(f"{out}: cannot write ({err.strerror or type(err).__name__})") from None
-    return bag
