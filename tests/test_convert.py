@@ -315,7 +315,6 @@ def save_pool(tmp_path, **kwargs):
         ),
         ({"spectral_norm": True, "sm_where": "mid"}, ConvertOptions(sm_where="early"), "on proj2 only"),
         ({}, ConvertOptions(sm_where="none"), "--sm-where none contradicts the tensors"),
-        ({}, ConvertOptions(sm_mode="exact", normalize=False), "exact Sm on an unnormalized adjacency"),
     ],
 )
 def test_convert_refuses_settings_that_contradict_the_tensors(tmp_path, kwargs, options, message):

@@ -16,7 +16,7 @@ from torchmil.utils import build_adj, normalize_adj
 import smcli
 from smcli.bags import load_bag
 from smcli.checkpoint import load_model
-from smcli.errors import ModelError
+from smcli.errors import BagError, ModelError
 from smcli.graph import (
     GraphOptions,
     build_adjacency_with,
@@ -109,12 +109,9 @@ def test_exported_graph_options_score_like_torchmil_datasets(
     torch.manual_seed(0)
     model = TorchmilPool(IN_DIM, 6, "tanh", mode, "trainable", 10, where, True).eval()
     with torch.no_grad():
-        model.sm.sm.coef.fill_(1.7)
+        # exact on a raw adjacency: (1 + coef) I - coef A is positive definite only for small coef
+        model.sm.sm.coef.fill_(0.1 if mode == "exact" and not norm_adj else 1.7)
     out = tmp_path / "m.safetensors"
-    if mode == "exact" and not norm_adj:
-        with pytest.raises(ModelError, match="exact Sm on an unnormalized adjacency"):
-            smcli.export_torchmil(model, out, dataset=dataset)
-        return
     config = smcli.export_torchmil(model, out, dataset=dataset)
     assert config.graph == GraphOptions(
         norm_adj,
@@ -134,6 +131,21 @@ def test_exported_graph_options_score_like_torchmil_datasets(
     # unnormalized smoothing can grow the logits into the hundreds: float32 rounding is relative
     scale = max(1.0, float(np.abs(reference[0].numpy()).max()))
     assert delta <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("with_dist", [False, True])
+def test_exact_on_a_raw_adjacency_is_refused_where_not_provably_solvable(tmp_path, bag_file, with_dist):
+    """coef 1.7 on an unnormalized graph: (1 + coef) I - coef A may be indefinite; a bag error, no number."""
+    coords = jittered_coords(7)
+    features = np.random.default_rng(7).standard_normal((len(coords), IN_DIM)).astype(np.float32)
+    dataset = trident(tmp_path / "data", features, coords, norm_adj=False, adj_with_dist=with_dist)
+    model = TorchmilPool(IN_DIM, 6, "tanh", "exact", "trainable", 10, "mid", True).eval()
+    with torch.no_grad():
+        model.sm.sm.coef.fill_(1.7)
+    smcli.export_torchmil(model, tmp_path / "m.safetensors", dataset=dataset)
+    bag = load_bag(bag_file("b", torch.from_numpy(features), coords))
+    with pytest.raises(BagError, match="not provably positive definite"):
+        score_bag(load_model(tmp_path / "m.safetensors"), bag)
 
 
 def test_origin_matters_for_overlapping_patches():
