@@ -145,7 +145,14 @@ def test_a_slide_without_a_pyramid_is_read_in_bands(tmp_path, slide, monkeypatch
     assert np.abs(banded.pixels - box_mean).max() <= 1  # Pillow's reduce rounds
 
 
-def test_top_patches_are_the_slides_own_pixels(tmp_path, slide):
+def test_top_patches_are_the_slides_own_pixels(tmp_path, slide, monkeypatch):
+    import smcli.heatmap
+
+    sheets = []
+    draw_sheet = smcli.heatmap.contact_sheet
+    monkeypatch.setattr(
+        smcli.heatmap, "contact_sheet", lambda *args: sheets.append(args) or draw_sheet(*args)
+    )
     slide_path, _ = slide
     frame = patch_table(tmp_path / "a.csv")
     out = tmp_path / "maps"
@@ -161,6 +168,14 @@ def test_top_patches_are_the_slides_own_pixels(tmp_path, slide):
         np.testing.assert_array_equal(crop, level0[row.y : row.y + STEP, row.x : row.x + STEP])
     sheet = Image.open(out / "a_top.png")
     assert sheet.size[0] >= 4 * 100 and "wrote 4 top patches" in result.stderr
+    ((crops, captions, title),) = sheets  # the sheet shows those crops, captioned rank, instance, weight
+    for crop, name in zip(crops, names, strict=True):
+        np.testing.assert_array_equal(crop, np.asarray(Image.open(out / "a_top" / name)))
+    assert captions == [
+        f"#{rank}  instance {row.instance}\nweight {row.attention_weight:.3g}"
+        for rank, row in enumerate(top.itertuples(), 1)
+    ]
+    assert title == "a: top 4 patches by attention_logit (64 px at level 0)"
 
 
 def test_slide_directory_finds_each_bag_and_names_the_one_without(tmp_path, slide):
