@@ -110,7 +110,6 @@ def parse_config(text: str, path: Path) -> ModelConfig:
         dist_thr = _positive_float(graph.get("dist_thr", DEFAULT_DIST_THR), "dist_thr")
         training = document.get("training") or {}
         options = parse_graph_options(graph)
-        check_graph_options(config, options)
         assumed = document.get("assumed") or []
         if not isinstance(assumed, list) or not all(isinstance(item, str) for item in assumed):
             raise ValueError("assumed must be a list of strings")
@@ -155,16 +154,6 @@ def parse_graph_options(graph: dict) -> GraphOptions:
 def has_sm(pool: PoolConfig) -> bool:
     """torchmil builds an Sm (not an Identity) for these settings."""
     return pool.sm_steps > 0 and pool.sm_alpha not in (0.0, 0) and pool.sm_where != "none"
-
-
-def check_graph_options(pool: PoolConfig, graph: GraphOptions) -> None:
-    """Raise ValueError for a combination smcli cannot compute exactly."""
-    if not graph.normalize and pool.sm_mode == "exact" and has_sm(pool):
-        # the exact solver's Chebyshev interval assumes a spectrum in [-1, 1] (normalized graphs)
-        raise ValueError(
-            "exact Sm on an unnormalized adjacency (normalize false) is not supported yet: "
-            "its spectrum is not bounded by 1"
-        )
 
 
 def feature_extractor_refusal(names: list[str]) -> str:

@@ -28,7 +28,6 @@ from smcli.checkpoint import (
     ModelConfig,
     PoolConfig,
     build_module,
-    check_graph_options,
     check_pool_config,
     feature_extractor_refusal,
     has_sm,
@@ -438,7 +437,6 @@ def resolve(facts: TensorFacts, resolver: _Resolver) -> ModelConfig:
     )
     try:
         check_pool_config(pool)
-        check_graph_options(pool, graph)
     except ValueError as err:
         raise resolver.fail(str(err)) from None
     assumed = tuple(sorted(resolver.assumed, key=lambda item: SETTINGS.index(item.partition("=")[0])))

@@ -293,25 +293,29 @@ def grid_cells_with_origin(coords: np.ndarray, patch_size: float, origin: str = 
 def feature_distance_weights(edge_index: np.ndarray, features: np.ndarray) -> np.ndarray:
     """exp(-||x_i - x_j||_2 / D) for every directed edge (i, j), in float32, as torchmil's build_adj.
 
-    edge_index: (2, E) int64.  features: (N, D) numpy array (float32 as torchmil trains on).
+    edge_index: (2, E) int64, symmetric ((j, i) for every (i, j)), sorted by (row, col), as
+    neighbour_edges makes it.  features: (N, D) numpy array (float32 as torchmil trains on).
     torchmil subtracts in the features' dtype, takes np.linalg.norm and divides by D in float32;
     here the squared differences are summed in float64 (torchmil's float32 dot rounds differently,
-    by a few float32 ulps at most). Chunked over edges: memory stays O(chunk x D), not O(E x D).
-    Returns (E,) float32.
+    by a few float32 ulps at most). Each undirected edge is computed once and copied to its
+    reverse; chunked over edges, so memory stays O(chunk x D), not O(E x D). Returns (E,) float32.
     """
     row, col = edge_index
-    n_edges = row.shape[0]
     dim = int(features.shape[1])
-    out = np.empty(n_edges, dtype=np.float32)
+    upper = np.flatnonzero(row < col)  # one direction of every undirected edge
+    # sorted by (col, row), the edge list lists the reverses of the (row, col)-sorted edges
+    reverse = np.lexsort((row, col))
+    out = np.empty(row.shape[0], dtype=np.float32)
     chunk = max(1, FEATURE_DISTANCE_CHUNK_VALUES // max(dim, 1))
-    for start in range(0, n_edges, chunk):
-        stop = min(start + chunk, n_edges)
-        difference = features[row[start:stop]].astype(np.float32) - features[col[start:stop]].astype(
-            np.float32
-        )  # (chunk, D), rounded once as torchmil's float32 subtraction
+    for start in range(0, upper.shape[0], chunk):
+        edges = upper[start : start + chunk]
+        # (chunk, D), rounded once as torchmil's float32 subtraction
+        difference = features[row[edges]].astype(np.float32) - features[col[edges]].astype(np.float32)
         squared = np.einsum("ij,ij->i", difference, difference, dtype=np.float64)  # (chunk,)
         distance = np.sqrt(squared).astype(np.float32)
-        out[start:stop] = np.exp(-(distance / np.float32(dim)))
+        weight = np.exp(-(distance / np.float32(dim)))
+        out[edges] = weight
+        out[reverse[edges]] = weight
     return out
 
 

@@ -31,8 +31,8 @@ def config_json(**pool):
     return json.dumps({"pool": base, "head": False, "graph": {"patch_size": None, "dist_thr": 1.5}})
 
 
-def graph_json(sm_mode="approx", **graph):
-    document = json.loads(config_json(sm_mode=sm_mode))
+def graph_json(**graph):
+    document = json.loads(config_json())
     document["graph"].update(graph)
     return json.dumps(document)
 
@@ -66,12 +66,6 @@ def graph_json(sm_mode="approx", **graph):
         (
             lambda p: write_checkpoint(p, pool_tensors(), {CONFIG_KEY: graph_json(normalize="no")}),
             "normalize must be true or false",
-        ),
-        (
-            lambda p: write_checkpoint(
-                p, pool_tensors(), {CONFIG_KEY: graph_json(normalize=False, sm_mode="exact")}
-            ),
-            "exact Sm on an unnormalized adjacency",
         ),
         (
             lambda p: write_checkpoint(p, pool_tensors(), {CONFIG_KEY: config_json(in_dim=21)}),
