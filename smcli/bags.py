@@ -19,6 +19,7 @@ import numpy as np
 
 from smcli.errors import BagError
 from smcli.graph import infer_patch_step
+from smcli.numeric import FLOAT32_MAX, scan_rows
 from smcli.readers import BagKeys, RawBag, reader_for
 from smcli.tensorfile import Unreadable
 
@@ -48,6 +49,7 @@ class Bag:
     labels: np.ndarray | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     features_dtype: str = ""
+    feature_peak: float | None = None  # largest |feature|, when the reader's checks measured it
 
     def __post_init__(self) -> None:
         if not self.features_dtype:
@@ -141,7 +143,8 @@ def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = Tr
 
 def bag_from_raw(path: Path, raw: RawBag) -> Bag:
     """The checks every format ends in, then the Bag."""
-    features, coords, labels = validate_tensors(path, raw.features, raw.coords, raw.labels, raw.names)
+    peak: list[float] = []
+    features, coords, labels = validate_tensors(path, raw.features, raw.coords, raw.labels, raw.names, peak)
     metadata = dict(raw.metadata)
     patch_size = None
     if raw.step is not None:
@@ -149,19 +152,30 @@ def bag_from_raw(path: Path, raw: RawBag) -> Bag:
         patch_size = parse_patch_size(path, value, where)
         metadata["patch_size_source"] = where
     return Bag(
-        path, raw.bag_id or path.stem, features, coords, patch_size, labels, metadata, raw.features_dtype
+        path,
+        raw.bag_id or path.stem,
+        features,
+        coords,
+        patch_size,
+        labels,
+        metadata,
+        raw.features_dtype,
+        peak[0] if peak else None,
     )
 
 
-def validate_tensors(path: Path, features, coords, labels, keys: BagKeys):
+def validate_tensors(path: Path, features, coords, labels, keys: BagKeys, peak: list[float] | None = None):
     """The checks every reader ends in: dtypes, shapes, finiteness, row counts, 0/1 labels.
 
     features: numpy (N, D) or (1, N, D); coords: (N, 2) or (1, N, 2); labels: (N,) or None; any of
     them may be an `Unreadable` (a dtype numpy cannot hold).
     Returns (features (N, D), coords (N, 2), labels (N,) int8 or None), all numpy.
-    Error messages use the names in `keys` (the names inside the file).
+    Error messages use the names in `keys` (the names inside the file). `peak`, if given, receives
+    the largest |feature| (found on the finiteness pass).
     """
-    features = _check_features(path, features, keys.features)
+    features, feature_peak = _check_features(path, features, keys.features)
+    if peak is not None:
+        peak.append(feature_peak)
     coords = _check_coords(path, coords, keys.coords)
     if coords.shape[0] != features.shape[0]:
         raise _fail(
@@ -188,7 +202,7 @@ def parse_patch_size(path: Path, value, where: str) -> float:
     return patch_size
 
 
-def _check_features(path: Path, features, name: str) -> np.ndarray:
+def _check_features(path: Path, features, name: str) -> tuple[np.ndarray, float]:
     if _dtype_name(features) not in FEATURE_DTYPES:
         raise _fail(
             path, f"{name} has dtype {_dtype_name(features)}; expected one of {', '.join(FEATURE_DTYPES)}"
@@ -197,15 +211,16 @@ def _check_features(path: Path, features, name: str) -> np.ndarray:
         features = features[0]
     if features.ndim != 2:
         raise _fail(path, f"{name} must be 2-D (N, D) or (1, N, D), got shape {tuple(features.shape)}")
-    bad_rows = 0
-    for start in range(0, features.shape[0], 16384):  # bounded temporaries
-        chunk = features[start : start + 16384]
-        bad_rows += int((~np.isfinite(chunk).all(axis=1)).sum())
-    if bad_rows:
+    scan, n = scan_rows(features), features.shape[0]
+    if scan.non_finite_rows:
+        raise _fail(path, f"{name} has non-finite values (NaN or inf) in {scan.non_finite_rows} of {n} rows")
+    if scan.beyond_float32_rows:  # finite in float64, inf in the float32 smcli computes in
         raise _fail(
-            path, f"{name} has non-finite values (NaN or inf) in {bad_rows} of {features.shape[0]} rows"
+            path,
+            f"{name} has values beyond float32's range (|x| up to {scan.peak:.3g}, max {FLOAT32_MAX:.3g}) "
+            f"in {scan.beyond_float32_rows} of {features.shape[0]} rows: not representable in float32",
         )
-    return features
+    return features, scan.peak
 
 
 def _dtype_name(tensor) -> str:

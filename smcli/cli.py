@@ -108,9 +108,7 @@ def score(
 
     reporter = Reporter(quiet=quiet)
     try:
-        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
-            if value is not None and not value > 0:
-                raise UsageError(f"{name} must be positive, got {value}")
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         if top_k is not None and top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {top_k}")
         if skip_existing and overwrite:
@@ -196,13 +194,10 @@ def convert(
     """
     from smcli.convert import ConvertOptions
     from smcli.convert import convert as convert_checkpoint
-    from smcli.errors import UsageError
 
     try:
         alpha = _parse_alpha(sm_alpha)
-        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
-            if value is not None and not value > 0:
-                raise UsageError(f"{name} must be positive, got {value}")
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         options = ConvertOptions(
             act,
             sm_mode,
@@ -293,9 +288,7 @@ def inspect_files(
     from smcli.inspect import inspect_file
 
     try:
-        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
-            if value is not None and not value > 0:
-                raise UsageError(f"{name} must be positive, got {value}")
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         paths = find_bags(files)  # a directory means its bag and checkpoint files
         if not paths:
             raise UsageError(f"nothing to inspect in {', '.join(map(str, files))}")
@@ -517,12 +510,21 @@ def geojson(
 
 
 def _check_positive(**values: float | None) -> None:
-    """UsageError for a given --patch-size / --dist-thr that is not a positive number."""
+    """UsageError for a given --patch-size / --dist-thr that is not a positive, finite number
+    (and a --dist-thr past graph.MAX_DIST_THR: its neighbourhoods would cost memory, not sense)."""
+    import math
+
     from smcli.errors import UsageError
+    from smcli.graph import MAX_DIST_THR
 
     for name, value in values.items():
+        flag = f"--{name.replace('_', '-')}"
         if value is not None and not value > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"{flag} must be positive, got {value}")
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if name == "dist_thr" and value is not None and value > MAX_DIST_THR:
+            raise UsageError(f"{flag} {value:g} is beyond {MAX_DIST_THR:g} patch steps")
 
 
 def _parse_alpha(text: str | None):

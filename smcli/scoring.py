@@ -121,6 +121,11 @@ def prepare_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptio
         raise BagError(
             f"{bag.path}: features have {bag.features.shape[1]} columns, the model expects {model.in_dim}"
         )
+    if bag.feature_peak is not None and bag.feature_peak > model.feature_limit:
+        raise BagError(
+            f"{bag.path}: features reach |x| = {bag.feature_peak:.3g}; with this model's weights the "
+            f"projection overflows float32 beyond {model.feature_limit:.3g} (are the features scaled?)"
+        )
     geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
     dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
     graph = model.config.graph
@@ -172,6 +177,7 @@ def score_bag(
     except SmSolveError as err:
         raise BagError(f"{bag.path}: {err}") from None
     logits = module.backend.to_numpy(out.attention_logit)
+    check_finite_scores(bag.path, logits, out.bag_logit)
     weights = softmax_weights(logits)
 
     columns = {
@@ -210,6 +216,19 @@ def score_bag(
     )
     summary.seconds = time.perf_counter() - started
     return BagResult(summary, table)
+
+
+def check_finite_scores(path: Path, logits: np.ndarray, bag_logit: float | None) -> None:
+    """A NaN or inf attention or bag logit (float32 overflow somewhere) is that bag's error, never
+    a row of NaNs or a probability of 1.0 reported ok."""
+    bad = int(np.count_nonzero(~np.isfinite(logits)))
+    if bad:
+        raise BagError(
+            f"{path}: {bad} of {logits.shape[0]} attention logits are not finite (NaN or inf): "
+            "the features or weights overflow float32"
+        )
+    if bag_logit is not None and not math.isfinite(bag_logit):
+        raise BagError(f"{path}: the bag logit is not finite ({bag_logit}): float32 overflow")
 
 
 def softmax_weights(logits: np.ndarray) -> np.ndarray:
