@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.torch import save_file
@@ -423,3 +423,222 @@ def test_a_single_table_never_holds_one_bag_id_twice(model_path, placement, targ
         first_of_each = {p.stem: p for p in reversed(paths)}
         assert sorted(table["bag_id"].unique()) == sorted(first_of_each)
         assert len(table) == 12 * len(first_of_each)
+
+
+# ---------------------------------------- §3 model tensors and config: refused at load, exit 2
+
+
+def _pool_state(head: bool = False) -> dict[str, np.ndarray]:
+    torch.manual_seed(1)
+    state = {k: v.numpy().copy() for k, v in TorchmilPool(IN_DIM, ATT_DIM).state_dict().items()}
+    state["sm.sm.coef"] = np.array(1.3, dtype=np.float32)
+    if head:
+        state = {f"pool.{k}": v for k, v in state.items()}
+        state["last_layer.weight"] = np.ones((1, IN_DIM), np.float32) * 0.1
+        state["last_layer.bias"] = np.zeros(1, np.float32)
+    return state
+
+
+@fast(40)
+@given(
+    head=st.booleans(),
+    pick=st.integers(0, 100),
+    value=st.sampled_from([np.nan, np.inf, -np.inf]),
+    where=st.integers(0, 10_000),
+)
+def test_a_checkpoint_with_a_non_finite_tensor_is_refused_naming_it(head, pick, value, where):
+    from smcli.errors import ModelError
+
+    state = _pool_state(head)
+    name = sorted(state)[pick % len(state)]
+    flat = state[name].reshape(-1)
+    flat[where % flat.size] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bad.safetensors"
+        save_checkpoint(state, ModelConfig(PoolConfig(IN_DIM, ATT_DIM), head=head), path)
+        with pytest.raises(ModelError, match=rf"^{path}: tensor {name} has 1 non-finite values") as caught:
+            load_model(path)
+    assert caught.value.exit_code == 2
+
+
+def test_a_non_finite_checkpoint_exits_2_with_one_line(tmp_path, model_path):
+    state = _pool_state()
+    state["proj1.bias"][0] = np.nan
+    path = tmp_path / "nan.safetensors"
+    save_checkpoint(state, ModelConfig(PoolConfig(IN_DIM, ATT_DIM)), path)
+    write_bag(tmp_path / "bags" / "a.safetensors")
+    result = invoke("score", tmp_path / "bags", "-m", path, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {path}: tensor proj1.bias has 1 non-finite values (NaN or inf)\n"
+
+
+CONFIG_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "in_dim": st.sampled_from([IN_DIM, 10**6, 2**40]),
+        "att_dim": st.sampled_from([ATT_DIM, 10**5, 2**40]),
+        "sm_steps": st.sampled_from([0, 10, 1000, 1001, 10**9]),
+        "sm_mode": st.sampled_from(["approx", "exact"]),
+        "coef": st.sampled_from([1.3, -1.0, -0.5, 0.0, 1e-17, -1e-30, 1e12, np.inf, np.nan]),
+        "dist_thr": st.sampled_from([1.5, 64.0, 65.0, 1e300]),
+    },
+)
+
+
+@fast(60)
+@given(fields=CONFIG_FIELDS)
+def test_any_config_and_coef_load_cheaply_or_are_refused_with_one_line(fields):
+    """Absurd configs cost neither memory nor time at load: refused (exit 2) before any allocation."""
+    import json
+    import time
+    import tracemalloc
+
+    from smcli.checkpoint import CONFIG_KEY
+    from smcli.errors import ModelError
+    from smcli.tensorfile import write_safetensors
+
+    state = _pool_state()
+    state["sm.sm.coef"] = np.array(fields.get("coef", 1.3), dtype=np.float32)
+    if fields.get("sm_steps") == 0:  # no Sm, no coef tensor (torchmil's Identity)
+        del state["sm.sm.coef"]
+        fields.pop("coef", None)
+    pool = {"in_dim": IN_DIM, "att_dim": ATT_DIM, "sm_alpha": "trainable"}
+    pool.update({k: v for k, v in fields.items() if k in ("in_dim", "att_dim", "sm_steps", "sm_mode")})
+    document = {"pool": pool, "head": False, "graph": {"dist_thr": fields.get("dist_thr", 1.5)}}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        write_safetensors(path, state, {CONFIG_KEY: json.dumps(document)})
+        tracemalloc.start()
+        started = time.perf_counter()
+        try:
+            load_model(path)
+            refused = None
+        except ModelError as err:
+            refused = str(err)
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert time.perf_counter() - started < 5
+    assert peak < 50 << 20, f"{peak / 2**20:.0f} MiB at load for {fields}"
+    must_refuse = (
+        pool["in_dim"] != IN_DIM
+        or pool["att_dim"] != ATT_DIM
+        or pool.get("sm_steps", 10) > 1000
+        or not np.isfinite(fields.get("coef", 1.3))
+        or (pool.get("sm_mode", "approx") == "approx" and fields.get("coef") == -1.0)
+        or fields.get("dist_thr", 1.5) > 64
+    )
+    assert (refused is not None) == must_refuse, (fields, refused)
+    if refused is not None:
+        assert refused.startswith(f"{path}: ") and "\n" not in refused
+
+
+# --------------------------------------- §3 features finite but past float32: never a silent ok
+
+
+@fast(40)
+@given(
+    dtype=st.sampled_from(["float32", "float64"]),
+    magnitude=st.sampled_from([1.0, 1e30, 1e36, 3e38, 1e39, 1e300]),
+    rows=st.lists(st.integers(0, 11), min_size=1, max_size=4, unique=True),
+    sign=st.sampled_from([1.0, -1.0]),
+)
+def test_features_past_float32_are_an_error_never_nan_or_equal_scores_reported_ok(
+    model, dtype, magnitude, rows, sign
+):
+    rng = np.random.default_rng(len(rows))
+    features = rng.normal(size=(12, IN_DIM))
+    if dtype == "float32" and magnitude > 3.4e38:
+        magnitude = 3.4e38  # the largest a float32 file can hold
+    features[rows] = sign * magnitude * np.sign(rng.normal(size=(len(rows), IN_DIM)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.safetensors"
+        save_file(
+            {"features": torch.from_numpy(features.astype(dtype)), "coords": torch.from_numpy(grid(4, 3))},
+            str(path),
+            metadata={"patch_size": str(PATCH)},
+        )
+        (result,) = score_bags([path], model)
+    summary = result.summary
+    if summary.status == "ok":
+        logits = result.arrow.column("attention_logit").to_numpy()
+        weights = result.arrow.column("attention_weight").to_numpy()
+        assert np.isfinite(logits).all() and np.isfinite(weights).all()
+        assert abs(weights.sum() - 1) < 1e-4
+        # and no overflow happened on the way: the first projection, in float64, fits float32
+        weight, bias = (
+            np.asarray(model.module.params[k], np.float64) for k in ("proj1.weight", "proj1.bias")
+        )
+        assert np.abs(features.astype(dtype).astype(np.float64) @ weight.T + bias).max() < 3.4e38
+    else:
+        assert summary.error.startswith(f"{path}: ") and "unexpected" not in summary.error
+        assert magnitude > 1e36  # ordinary (and merely large) features are never refused
+    if magnitude > 3.5e38:
+        assert "not representable in float32" in summary.error
+
+
+def test_complex_features_are_one_error_line_without_a_numpy_warning(tmp_path, model_path):
+    path = tmp_path / "bags" / "complex.h5"
+    path.parent.mkdir()
+    with h5py.File(path, "w") as handle:
+        handle["features"] = np.ones((12, IN_DIM), np.complex64)
+        handle["coords"] = grid(4, 3)
+    write_bag(tmp_path / "bags" / "z_good.safetensors")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ComplexWarning would fail here
+        result = invoke("score", tmp_path / "bags", "-m", model_path, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert error_lines(result.stderr) == [f"error: {path}: features has dtype complex64; expected numbers"]
+
+
+# ---------------------------------------------------------------- §3 the graph on far-apart cells
+
+
+def _brute_force_edges(cells: np.ndarray, dist_thr: float) -> set[tuple[int, int]]:
+    edges = set()
+    for i in range(len(cells)):
+        for j in range(len(cells)):
+            if i != j:
+                dx, dy = (int(a) - int(b) for a, b in zip(cells[i], cells[j], strict=True))
+                if dx * dx + dy * dy <= dist_thr * dist_thr:  # Python ints: exact at any size
+                    edges.add((i, j))
+    return edges
+
+
+FAR = st.one_of(st.sampled_from([0, 2**31, 2**32 - 3, 2**32, 2**33 - 6, 2**39]), st.integers(0, 2**39))
+
+
+@fast(80)
+@example(
+    anchors=[(0, 0), (2**32, 0), (0, 2**32 - 3)], jitter=[(0, 0, 0), (1, 0, 0), (2, 0, 0)], dist_thr=2**0.5
+)
+@given(
+    anchors=st.lists(st.tuples(FAR, FAR), min_size=1, max_size=4),
+    jitter=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=12
+    ),
+    dist_thr=st.sampled_from([0.5, 1.0, 2**0.5, 2.0, 2.9]),
+)
+def test_the_graph_equals_a_brute_force_neighbour_search_on_far_apart_cells(anchors, jitter, dist_thr):
+    """Cells near 0, 2^32 and 2^39 (the int64 key wrapped: (0,0), (2^32,0), (0,2^32-3) were neighbours)."""
+    from smcli.graph import build_edges, neighbour_edges
+
+    cells = np.array(
+        [(anchors[a % len(anchors)][0] + dx, anchors[a % len(anchors)][1] + dy) for a, dx, dy in jitter],
+        dtype=np.int64,
+    )
+    cells -= cells.min(axis=0)
+    expected = _brute_force_edges(cells, dist_thr)
+    for build in (build_edges, neighbour_edges):
+        edges = build(cells, dist_thr)
+        assert set(map(tuple, edges.T.tolist())) == expected
+        assert edges.shape[1] == len(expected)  # no duplicates
+
+
+def test_cells_that_used_to_alias_through_the_int64_key_are_not_neighbours():
+    from smcli.graph import build_edges
+
+    cells = np.array([[0, 0], [2**32, 0], [0, 2**32 - 3]], dtype=np.int64)
+    assert build_edges(cells).shape[1] == 0

@@ -84,9 +84,9 @@ def read(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Raw
             fallbacks = STAMP_FEATURES if keys.features == BagKeys().features else ()
             features_name = _pick(path, names, (keys.features, *fallbacks))
             coords_name = _pick(path, names, (keys.coords,))
-            features = _read(handle[features_name])
-            coords = _read(handle[coords_name])
-            labels = _read(handle[keys.labels]) if with_labels and keys.labels in names else None
+            features = _read(handle[features_name], path)
+            coords = _read(handle[coords_name], path)
+            labels = _read(handle[keys.labels], path) if with_labels and keys.labels in names else None
             root_attrs = _read_attrs(path, handle, "", ROOT_ATTRS)
             coords_attrs = _read_attrs(path, handle[coords_name], f"{coords_name}.", COORDS_ATTRS)
     except BagError:
@@ -176,8 +176,26 @@ def _pick(path: Path, names: list[str], candidates: tuple[str, ...]) -> str:
     raise _fail(path, f"no {wanted} dataset (keys present: {', '.join(names) or 'none'})")
 
 
-def _read(dataset) -> np.ndarray:
-    """The whole dataset as a native-byte-order numpy array."""
+MAX_EXPANSION = 100  # declared bytes per stored byte: beyond any real compression of features/coords
+SMALL_DATASET = 64 << 20  # bytes a dataset may declare whatever it stores (e.g. compressed labels)
+
+
+def _read(dataset, path: Path) -> np.ndarray:
+    """The whole dataset as a native-byte-order numpy array, if its size is believable.
+
+    h5 datasets declare a shape; unwritten chunks read as fill values, so a 2 KB file can declare
+    500k x 1024 floats (2 GB) or 19 GiB. The declared size is compared with the bytes actually
+    stored before anything is read.
+    """
+    declared = int(np.prod(dataset.shape, dtype=np.float64)) * dataset.dtype.itemsize
+    stored = int(dataset.id.get_storage_size())
+    if declared > max(SMALL_DATASET, MAX_EXPANSION * stored):
+        raise _fail(
+            path,
+            f"{dataset.name.lstrip('/')} declares {tuple(dataset.shape)} {dataset.dtype} "
+            f"({declared / 2**30:.3g} GiB) but the file stores {stored:,} bytes of it: "
+            "unwritten or implausibly compressed; refused before reading",
+        )
     array = np.asarray(dataset[()])
     if array.dtype.byteorder not in ("=", "|") and array.dtype.kind in "biuf":
         array = array.astype(array.dtype.newbyteorder("="))
