@@ -26,7 +26,7 @@ import numpy as np
 DEFAULT_DIST_THR = math.sqrt(2.0)  # the 8-neighbourhood on the patch grid
 GRID_LIMIT = 2.0**40  # cells per axis; beyond this the step is certainly wrong (and int64 keys overflow)
 RASTER_CELLS_PER_PATCH = 16  # the raster path is used while the bounding box stays this compact
-MAX_MEAN_DEGREE = 1000  # more neighbours than this per patch means a patch step far too large
+MAX_MEAN_DEGREE = 256  # more neighbours than this per patch means a patch step far too large
 MAX_NEIGHBOURS_PER_OFFSET = 16  # patches per neighbour cell: a step over 4x too large per axis
 MAX_DIST_THR = 64.0  # patch steps; ~12,900 neighbour offsets, every one a pass over the bag
 CHUNK_ENTRIES = 1 << 22  # (patches x offsets) gathered at once on the raster path: 32 MB of int64
@@ -149,7 +149,7 @@ def build_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nda
     unique_keys, starts, counts = np.unique(keys[order], return_index=True, return_counts=True)
 
     budget = neighbour_budget(n, offsets.shape[0])  # directed pairs (same-cell ones with self pairs)
-    sources, targets = [], []
+    matches = []  # first count every offset's pairs (cheap: per cell), then build the edges
     for dx, dy in offsets:
         wanted = unique_keys + (dx * width + dy)
         pos = np.searchsorted(unique_keys, wanted)
@@ -159,10 +159,13 @@ def build_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nda
         cell_b = pos[hit]
         if cell_a.shape[0] == 0:
             continue
-        count_a, count_b = counts[cell_a], counts[cell_b]
-        budget -= int((count_a * count_b).sum())
-        if budget < 0:
+        budget -= int((counts[cell_a] * counts[cell_b]).sum())
+        if budget < 0:  # before any pair is materialized
             raise too_dense(n, offsets.shape[0])
+        matches.append((dx, dy, cell_a, cell_b))
+    sources, targets = [], []
+    for dx, dy, cell_a, cell_b in matches:
+        count_a, count_b = counts[cell_a], counts[cell_b]
         if np.all(count_a == 1) and np.all(count_b == 1):
             i = order[starts[cell_a]]
             j = order[starts[cell_b]]
@@ -233,7 +236,8 @@ def raster_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nd
     raster[x, y] = np.arange(n)
     if np.count_nonzero(raster >= 0) < n:
         return None  # several patches on one cell
-    budget = neighbour_budget(n, offsets.shape[0] + 1)  # the edge list is sized by this guard
+    per_patch = neighbour_budget(1, offsets.shape[0] + 1)  # the edge list is sized by this guard,
+    found = 0  # checked as the chunks go, so a clique is refused after one chunk, not at 1000 n
     rows, cols = [], []
     chunk = max(1, CHUNK_ENTRIES // offsets.shape[0])  # patches per gather: bounded temporaries
     for start in range(0, n, chunk):
@@ -241,8 +245,8 @@ def raster_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nd
         neighbours = raster[xs[:, None] + offsets[:, 0], ys[:, None] + offsets[:, 1]]  # (chunk, n_offsets)
         neighbours.sort(axis=1)  # -1 (no neighbour) first, then ascending instance index
         present = neighbours >= 0
-        budget -= int(np.count_nonzero(present))
-        if budget < 0:
+        found += int(np.count_nonzero(present))
+        if found > per_patch * min(n, start + chunk):
             raise too_dense(n, offsets.shape[0] + 1)
         index = np.arange(start, start + xs.shape[0])[:, None]
         rows.append(np.broadcast_to(index, neighbours.shape)[present])

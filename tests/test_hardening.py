@@ -642,3 +642,125 @@ def test_cells_that_used_to_alias_through_the_int64_key_are_not_neighbours():
 
     cells = np.array([[0, 0], [2**32, 0], [0, 2**32 - 3]], dtype=np.int64)
     assert build_edges(cells).shape[1] == 0
+
+
+# ------------------------------------------------- §4 memory and time in proportion to the input
+
+
+@fast(25)
+@given(
+    rows=st.sampled_from([20, 1000, 100_000, 5_000_000]),
+    cols=st.sampled_from([IN_DIM, 1024]),
+    written=st.sampled_from([0, 1, 20]),
+    chunk_rows=st.sampled_from([10, 1000]),
+)
+def test_an_h5_declaring_more_than_it_stores_is_refused_before_reading(rows, cols, written, chunk_rows):
+    import tracemalloc
+
+    from smcli.bags import load_bag
+    from smcli.errors import BagError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "declared.h5"
+        with h5py.File(path, "w") as handle:
+            features = handle.create_dataset(
+                "features", shape=(rows, cols), dtype="f4", chunks=(min(chunk_rows, rows), cols)
+            )
+            if written:
+                features[: min(written, rows)] = 1.0
+            handle["coords"] = (
+                grid(rows // 4 + 1, 4)[:rows] if rows <= 1000 else np.zeros((rows, 2), np.int32)
+            )
+        with h5py.File(path, "r") as handle:
+            stored = handle["features"].id.get_storage_size()  # what the file really holds
+        declared = rows * cols * 4
+        tracemalloc.start()
+        try:
+            bag = load_bag(path)
+            outcome = f"read {bag.n_instances}"
+        except BagError as err:
+            outcome = str(err)
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    if declared > max(64 << 20, 16 * stored):  # more than 16x what is stored: no real compression
+        assert "refused before reading" in outcome, outcome
+        assert peak < 16 << 20, (peak, outcome)
+    else:
+        assert peak < 2 * declared + (16 << 20), (peak, outcome)  # in proportion to the input
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("inf", "must be a finite number"),
+        ("nan", "must be positive"),
+        ("1e300", "beyond 64"),
+        ("65", "beyond 64"),
+        ("-1", "must be positive"),
+        ("0", "must be positive"),
+    ],
+)
+def test_dist_thr_and_patch_size_flags_outside_their_range_exit_2(tmp_path, model_path, value, message):
+    write_bag(tmp_path / "bags" / "a.safetensors")
+    for flag in ("--dist-thr", "--patch-size"):
+        if flag == "--patch-size" and "64" in message:
+            continue  # only the neighbour distance has an upper bound
+        result = invoke("score", tmp_path / "bags", "-m", model_path, flag, value, "-o", tmp_path / "out")
+        assert result.exit_code == 2, (flag, value, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {flag}") and message in lines[0], lines
+
+
+def _dense_bag(path: Path, side: int, step: int = PATCH, **metadata) -> Path:
+    coords = grid(side, side, step)
+    features = np.random.default_rng(0).normal(size=(len(coords), IN_DIM)).astype(np.float32)
+    save_file(
+        {"features": torch.from_numpy(features), "coords": torch.from_numpy(coords)},
+        str(path),
+        metadata={k: str(v) for k, v in metadata.items()} or None,
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_the_worst_bad_inputs_cost_little_memory_and_time(tmp_path, model_path):
+    """One real process over the inputs that used to take gigabytes: 100k patches with --dist-thr 30
+    (the raster path had no neighbour cap: 10.8 GB), the same bag with a patch step 10x too large
+    (6.4 GB), and h5 files declaring 2 GB and 19 GiB they do not store. Peak RSS, measured."""
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    _dense_bag(bags / "dense.safetensors", 317, patch_size=PATCH)  # 100,489 patches
+    _dense_bag(bags / "step_10x.safetensors", 317, patch_size=PATCH * 10)
+    for name, rows in (("declares_2gb.h5", 500_000), ("declares_19gib.h5", 5_000_000)):
+        with h5py.File(bags / name, "w") as handle:
+            handle.create_dataset("features", shape=(rows, 1024), dtype="f4", chunks=(1000, 1024))
+            handle["coords"] = grid(5, 4)
+    probe = (
+        "import resource, subprocess, sys, time\n"
+        "started = time.perf_counter()\n"
+        "proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "print(proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+        "time.perf_counter() - started)\n"
+        "sys.stderr.write(proc.stderr)\n"
+    )
+    command = [sys.executable, "-c", probe, sys.executable, "-m", "smcli", "score"]
+    runs = {
+        "--dist-thr 30": [*command, str(bags / "dense.safetensors"), "--dist-thr", "30"],
+        "patch step 10x": [*command, str(bags / "step_10x.safetensors")],
+        "declared h5": [*command, str(bags / "declares_2gb.h5"), str(bags / "declares_19gib.h5")],
+    }
+    for what, argv in runs.items():
+        proc = subprocess.run(
+            [*argv, "-m", str(model_path), "-o", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        code, rss_kib, seconds = proc.stdout.split()
+        assert code == "1", (what, proc.stderr)
+        errors = error_lines(proc.stderr)
+        assert errors and all(line.startswith(f"error: {bags}/") for line in errors), proc.stderr
+        print(f"{what}: peak RSS {int(rss_kib) / 1024:.0f} MiB, {float(seconds):.1f} s")
+        assert int(rss_kib) < 1024 * 1024, f"{what}: peak RSS {int(rss_kib) / 1024:.0f} MiB"
+        assert float(seconds) < 120

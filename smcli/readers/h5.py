@@ -176,7 +176,7 @@ def _pick(path: Path, names: list[str], candidates: tuple[str, ...]) -> str:
     raise _fail(path, f"no {wanted} dataset (keys present: {', '.join(names) or 'none'})")
 
 
-MAX_EXPANSION = 100  # declared bytes per stored byte: beyond any real compression of features/coords
+MAX_EXPANSION = 16  # declared bytes per stored byte: beyond real compression of features or coords
 SMALL_DATASET = 64 << 20  # bytes a dataset may declare whatever it stores (e.g. compressed labels)
 
 
