@@ -24,6 +24,27 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from smcli import __version__  # the package root only: no numpy, no torch
+
+        typer.echo(f"smcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print smcli's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Per-patch Sm attention for whole-slide bags, identical to torchmil 1.0.2."""
+
+
 ModelOption = Annotated[
     Path,
     typer.Option(
@@ -53,8 +74,25 @@ def _stderr(message: str) -> None:
 
 
 def _exit_on(err: SmcliError) -> typer.Exit:
+    from smcli.errors import StdoutClosed
+
+    if isinstance(err, StdoutClosed):  # EPIPE stays quiet, as for any Unix filter
+        _silence_stdout()
+        return typer.Exit(code=err.exit_code)
     _stderr(f"error: {err}")
     return typer.Exit(code=err.exit_code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail a second time."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (e.g. under a test runner)
+        pass
 
 
 @app.command()
@@ -93,6 +131,13 @@ def score(
     top_k: Annotated[
         int | None, typer.Option("--top-k", help="Keep only the K highest-attention patches per bag, ranked.")
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Fail a bag instead of warning: shared cells, few or no edges, an inferred patch step.",
+        ),
+    ] = False,
 ) -> None:
     """Score bags: per-patch attention logits and weights (and the bag logit with a head).
 
@@ -120,7 +165,11 @@ def score(
             fmt=fmt,
             device=device,
             options=ScoreOptions(
-                BagKeys(features_key, coords_key, labels_key), patch_size, dist_thr, top_k=top_k
+                BagKeys(features_key, coords_key, labels_key),
+                patch_size,
+                dist_thr,
+                top_k=top_k,
+                strict=strict,
             ),
             existing="skip" if skip_existing else "overwrite" if overwrite else "fail",
             fail_fast=fail_fast,
@@ -541,5 +590,13 @@ def _parse_alpha(text: str | None):
     return value
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Any Python warning (numpy's RuntimeWarning, ...) as one `warning:` line, never a raw block."""
+    _stderr(f"warning: {category.__name__}: {message}")
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _warning_line
     app()

@@ -43,6 +43,10 @@ class OutputError(SmcliError):
     exit_code = 1
 
 
+class StdoutClosed(OutputError):
+    """The process reading stdout went away (EPIPE, e.g. `| head`): stop quietly with status 1."""
+
+
 class Interrupted(BaseException):
     """SIGINT/SIGTERM arrived. A BaseException so that no `except Exception` swallows it."""
 

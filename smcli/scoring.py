@@ -37,6 +37,7 @@ class ScoreOptions:
     dist_thr: float | None = None
     device: str = "cpu"
     top_k: int | None = None  # keep only the K highest-attention patches (ties: lower instance first)
+    strict: bool = False  # geometry warnings and an inferred patch step fail the bag
 
 
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present whenever the NVIDIA kernel driver is loaded
@@ -135,6 +136,14 @@ def prepare_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptio
         adjacency = build_adjacency_with(cells, dist_thr, graph, features)
     except GraphError as err:
         raise BagError(f"{bag.path}: {err}") from None
+    if options.strict:  # a pipeline that must not score Sm-free on a wrong --patch-size
+        problems = geometry_warnings(bag, geometry, cells, adjacency.n_edges)
+        if geometry.source == "inferred":
+            problems.insert(
+                0, f"patch step {geometry.patch_step:g} inferred from the coords (give --patch-size)"
+            )
+        if problems:
+            raise BagError(f"{bag.path}: --strict: " + "; ".join(problems))
     return PreparedBag(bag, geometry, dist_thr, cells, adjacency, time.perf_counter() - started)
 
 

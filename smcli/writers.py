@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smcli.errors import OutputError, UsageError, printable
+from smcli.errors import OutputError, StdoutClosed, UsageError, printable
 from smcli.files import MAX_BAG_ID_BYTES, atomic_path, safe_bag_id  # noqa: F401  (also imported from here)
 from smcli.results import BagResult, BagSummary
 
@@ -297,9 +297,14 @@ class StdoutSink:
     def add(self, result: BagResult) -> None:
         if result.arrow is None or refuse_duplicate(result, self.written):
             return
-        sys.stdout.flush()
-        write_csv(result.arrow, sys.stdout.buffer, header=not self.header_written)
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.flush()
+            write_csv(result.arrow, sys.stdout.buffer, header=not self.header_written)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:  # the reader went away (`| head`): stop, quietly
+            raise StdoutClosed("stdout: the reader closed the pipe") from None
+        except OSError as err:  # a full disk (`> /dev/full`, `ulimit -f`): one line, exit 1
+            raise OutputError(f"stdout: cannot write ({_describe_os_error(err)})") from None
         self.header_written = True
 
     def close(self, complete: bool) -> None:

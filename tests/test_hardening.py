@@ -764,3 +764,99 @@ def test_the_worst_bad_inputs_cost_little_memory_and_time(tmp_path, model_path):
         print(f"{what}: peak RSS {int(rss_kib) / 1024:.0f} MiB, {float(seconds):.1f} s")
         assert int(rss_kib) < 1024 * 1024, f"{what}: peak RSS {int(rss_kib) / 1024:.0f} MiB"
         assert float(seconds) < 120
+
+
+# ------------------------------------------------------------------------ §6 scripts and logs
+
+
+def _smcli_process(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "smcli", *map(str, args)], stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def test_a_full_disk_on_stdout_is_one_line_and_exit_1(tmp_path, model_path):
+    bag = write_bag(tmp_path / "a.safetensors", patch_size=PATCH)
+    with open("/dev/full", "w") as full:
+        proc = _smcli_process("score", bag, "-m", model_path, stdout=full)
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert stderr == "error: stdout: cannot write (No space left on device)\n"
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly_with_status_1(tmp_path, model_path):
+    for i in range(3):
+        write_bag(tmp_path / "bags" / f"b{i}.safetensors", n_rows=150, n_cols=150, seed=i, patch_size=PATCH)
+    proc = _smcli_process("score", tmp_path / "bags", "-m", model_path, stdout=subprocess.PIPE)
+    assert proc.stdout.readline().startswith("bag_id,instance,")
+    proc.stdout.close()  # like `| head -1`
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in stderr and "error:" not in stderr and "Exception" not in stderr, stderr
+
+
+def test_version_prints_without_importing_numpy_or_torch():
+    probe = (
+        "import sys\n"
+        "sys.argv = ['smcli', '--version']\n"
+        "from smcli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as done:\n    code = done.code\n"
+        "print(code, 'numpy' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    from smcli import __version__
+
+    assert out.stdout.splitlines() == [f"smcli {__version__}", "0 False False"], out.stderr
+    installed = subprocess.run(["smcli", "--version"], capture_output=True, text=True, timeout=60)
+    assert installed.returncode == 0 and installed.stdout == f"smcli {__version__}\n"
+
+
+def test_python_warnings_reach_stderr_as_one_line():
+    probe = (
+        "import warnings\nfrom smcli import cli\nwarnings.showwarning = cli._warning_line\n"
+        "import numpy as np\nnp.float32(3e38) * np.float32(10)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert out.stderr == "warning: RuntimeWarning: overflow encountered in scalar multiply\n"
+
+
+STEP_CASES = st.tuples(
+    st.sampled_from([1, 2, 4, 10]),  # the coords' real step, in patches of PATCH
+    st.sampled_from(["flag", "metadata", "none"]),  # where smcli's patch step comes from
+    st.sampled_from([PATCH // 2, PATCH, 2 * PATCH, 10 * PATCH]),  # the step given there
+)
+
+
+@fast(15)
+@given(cases=st.lists(STEP_CASES, min_size=1, max_size=3))
+def test_strict_fails_exactly_the_bags_a_normal_run_warns_about(model_path, cases):
+    with tempfile.TemporaryDirectory() as tmp:
+        flags: list[str] = []
+        paths = []
+        for index, (spacing, source, given_step) in enumerate(cases):
+            metadata = {"patch_size": given_step} if source == "metadata" else {}
+            paths.append(
+                write_bag(
+                    Path(tmp) / "bags" / f"b{index}.safetensors", 5, 5, index, PATCH * spacing, **metadata
+                )
+            )
+            if source == "flag":
+                flags = ["--patch-size", str(given_step)]  # one flag for the run: the last one wins
+        normal = invoke("score", *paths, "-m", model_path, *flags, "-o", Path(tmp) / "normal")
+        strict = invoke("score", *paths, "-m", model_path, *flags, "--strict", "-o", Path(tmp) / "strict")
+        flagged = {
+            line.split(": ")[1]
+            for line in normal.stderr.splitlines()
+            if line.startswith(("warning:", "note:"))
+        }
+        failed = {line.split(": ")[1] for line in error_lines(strict.stderr)}
+        inferred = {
+            str(p)
+            for p, r in zip(paths, bags_rows(Path(tmp) / "normal" / "_bags.csv"), strict=True)
+            if r["patch_step_source"] == "inferred"
+        }
+        assert failed == flagged | inferred, (normal.stderr, strict.stderr)
+        assert strict.exit_code == (1 if failed else 0)
+        assert all("--strict: " in line for line in error_lines(strict.stderr))
