@@ -9,6 +9,9 @@ the file name.
 from __future__ import annotations
 
 import math
+import os
+import reprlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import numpy as np
 
 from smcli.errors import BagError
 from smcli.graph import infer_patch_step
+from smcli.numeric import FLOAT32_MAX, scan_rows
 from smcli.readers import BagKeys, RawBag, reader_for
 from smcli.tensorfile import Unreadable
 
@@ -45,6 +49,7 @@ class Bag:
     labels: np.ndarray | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     features_dtype: str = ""
+    feature_peak: float | None = None  # largest |feature|, when the reader's checks measured it
 
     def __post_init__(self) -> None:
         if not self.features_dtype:
@@ -78,6 +83,38 @@ def find_bags(inputs: list[Path]) -> list[Path]:
     return found
 
 
+NOT_REGULAR = {  # what stat says an input is, when it is not a plain file
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def check_input(path: Path) -> None:
+    """Refuse, before anything opens it, an input that is not a regular file with a UTF-8 name.
+
+    Opening a FIFO or a terminal would block the run (and the signal handlers) forever, and a
+    device would be read without end; safetensors cannot open a file whose name is not UTF-8.
+    """
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks: a link to a bag is a bag
+    except FileNotFoundError:
+        raise _fail(path, "no such file") from None
+    except PermissionError:
+        raise _fail(path, "permission denied") from None
+    except (OSError, ValueError) as err:
+        raise _fail(path, f"cannot stat ({getattr(err, 'strerror', None) or type(err).__name__})") from None
+    if not stat.S_ISREG(mode):
+        kind = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
+        raise _fail(path, f"is {kind}, not a bag file")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(path, "the file name is not valid UTF-8: rename the file (bag ids are UTF-8)") from None
+
+
 def is_hdf5(path: Path) -> bool:
     """True if the file starts with the HDF5 signature (content, not extension, decides)."""
     from smcli.readers import h5
@@ -86,24 +123,28 @@ def is_hdf5(path: Path) -> bool:
 
 
 def peek_bag_id(path: Path) -> str:
-    """The bag id from the file's header alone (no tensor is read); the file stem if it has none."""
-    return reader_for(path).peek_bag_id(path) or path.stem
+    """The bag id from the file's header alone (no tensor is read); the file stem if it has none
+    or cannot be read (the real read then says what is wrong with the file)."""
+    try:
+        check_input(path)
+        bag_id = reader_for(path).peek_bag_id(path)
+    except Exception:
+        return path.stem
+    return bag_id if isinstance(bag_id, str) and bag_id else path.stem
 
 
 def load_bag(path: str | Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Bag:
     """Read one bag with the reader that claims it, validate it, and make the Bag."""
     path = Path(path)
-    if not path.exists():
-        raise _fail(path, "no such file")
-    if path.is_dir():
-        raise _fail(path, "is a directory, not a bag file")
+    check_input(path)
     raw = reader_for(path).read(path, keys, with_labels)
     return bag_from_raw(path, raw)
 
 
 def bag_from_raw(path: Path, raw: RawBag) -> Bag:
     """The checks every format ends in, then the Bag."""
-    features, coords, labels = validate_tensors(path, raw.features, raw.coords, raw.labels, raw.names)
+    peak: list[float] = []
+    features, coords, labels = validate_tensors(path, raw.features, raw.coords, raw.labels, raw.names, peak)
     metadata = dict(raw.metadata)
     patch_size = None
     if raw.step is not None:
@@ -111,19 +152,30 @@ def bag_from_raw(path: Path, raw: RawBag) -> Bag:
         patch_size = parse_patch_size(path, value, where)
         metadata["patch_size_source"] = where
     return Bag(
-        path, raw.bag_id or path.stem, features, coords, patch_size, labels, metadata, raw.features_dtype
+        path,
+        raw.bag_id or path.stem,
+        features,
+        coords,
+        patch_size,
+        labels,
+        metadata,
+        raw.features_dtype,
+        peak[0] if peak else None,
     )
 
 
-def validate_tensors(path: Path, features, coords, labels, keys: BagKeys):
+def validate_tensors(path: Path, features, coords, labels, keys: BagKeys, peak: list[float] | None = None):
     """The checks every reader ends in: dtypes, shapes, finiteness, row counts, 0/1 labels.
 
     features: numpy (N, D) or (1, N, D); coords: (N, 2) or (1, N, 2); labels: (N,) or None; any of
     them may be an `Unreadable` (a dtype numpy cannot hold).
     Returns (features (N, D), coords (N, 2), labels (N,) int8 or None), all numpy.
-    Error messages use the names in `keys` (the names inside the file).
+    Error messages use the names in `keys` (the names inside the file). `peak`, if given, receives
+    the largest |feature| (found on the finiteness pass).
     """
-    features = _check_features(path, features, keys.features)
+    features, feature_peak = _check_features(path, features, keys.features)
+    if peak is not None:
+        peak.append(feature_peak)
     coords = _check_coords(path, coords, keys.coords)
     if coords.shape[0] != features.shape[0]:
         raise _fail(
@@ -138,16 +190,19 @@ def validate_tensors(path: Path, features, coords, labels, keys: BagKeys):
 
 def parse_patch_size(path: Path, value, where: str) -> float:
     """A stored patch step (string or number) -> positive float; `where` names it in errors."""
+    shown = reprlib.repr(value)  # an attribute may be a long array: never a page of digits
+    if isinstance(value, (complex, np.complexfloating, np.ndarray)):  # float() would warn or drop parts
+        raise _fail(path, f"{where} {shown} is not a number")
     try:
         patch_size = float(value)
-    except (TypeError, ValueError):
-        raise _fail(path, f"{where} {value!r} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise _fail(path, f"{where} {shown} is not a number") from None
     if not (math.isfinite(patch_size) and patch_size > 0):
-        raise _fail(path, f"{where} {value!r} must be positive")
+        raise _fail(path, f"{where} {shown} must be positive")
     return patch_size
 
 
-def _check_features(path: Path, features, name: str) -> np.ndarray:
+def _check_features(path: Path, features, name: str) -> tuple[np.ndarray, float]:
     if _dtype_name(features) not in FEATURE_DTYPES:
         raise _fail(
             path, f"{name} has dtype {_dtype_name(features)}; expected one of {', '.join(FEATURE_DTYPES)}"
@@ -156,15 +211,16 @@ def _check_features(path: Path, features, name: str) -> np.ndarray:
         features = features[0]
     if features.ndim != 2:
         raise _fail(path, f"{name} must be 2-D (N, D) or (1, N, D), got shape {tuple(features.shape)}")
-    bad_rows = 0
-    for start in range(0, features.shape[0], 16384):  # bounded temporaries
-        chunk = features[start : start + 16384]
-        bad_rows += int((~np.isfinite(chunk).all(axis=1)).sum())
-    if bad_rows:
+    scan, n = scan_rows(features), features.shape[0]
+    if scan.non_finite_rows:
+        raise _fail(path, f"{name} has non-finite values (NaN or inf) in {scan.non_finite_rows} of {n} rows")
+    if scan.beyond_float32_rows:  # finite in float64, inf in the float32 smcli computes in
         raise _fail(
-            path, f"{name} has non-finite values (NaN or inf) in {bad_rows} of {features.shape[0]} rows"
+            path,
+            f"{name} has values beyond float32's range (|x| up to {scan.peak:.3g}, max {FLOAT32_MAX:.3g}) "
+            f"in {scan.beyond_float32_rows} of {features.shape[0]} rows: not representable in float32",
         )
-    return features
+    return features, scan.peak
 
 
 def _dtype_name(tensor) -> str:

@@ -110,7 +110,7 @@ def open_sink(request: ScoreRequest):
     if output.suffix in (".csv", ".parquet"):
         return TableSink(output, resolved, overwrite=request.existing == "overwrite")
     bags_name = "_bags.csv" if request.shard is None else "_bags.shard-{}-of-{}.csv".format(*request.shard)
-    return DirectorySink(output, resolved, request.existing, bags_name)
+    return DirectorySink(output, resolved, request.existing, bags_name, request.options.top_k)
 
 
 def run_score(

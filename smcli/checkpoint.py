@@ -20,14 +20,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from smcli.errors import ModelError
-from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, ORIGINS, GraphOptions
+from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, MAX_DIST_THR, ORIGINS, GraphOptions
 from smcli.model import PoolConfig  # the model's constructor arguments; re-exported here
+from smcli.numeric import FLOAT32_MAX, count_non_finite
 
 CONFIG_KEY = "smcli_config"
 ACTS = ("tanh", "relu", "gelu")
 SM_MODES = ("approx", "exact")
 SM_WHERE = ("early", "mid", "late", "none")
+MAX_SM_STEPS = 1000  # approx Sm steps; a cap that turns a typo (1e9) into an error, not a hang
 
 Alpha = float | str
 # the layers torchmil wraps with spectral norm (proj1, proj2), per sm_where
@@ -68,6 +72,7 @@ class LoadedModel:
     module: Any  # smcli.model.SmAttentionPool or SmABMIL
     path: Path
     sha256: str
+    feature_limit: float = math.inf  # larger |features| could overflow float32 in the projections
 
     @property
     def in_dim(self) -> int:
@@ -108,9 +113,10 @@ def parse_config(text: str, path: Path) -> ModelConfig:
         if patch_size is not None:
             patch_size = _positive_float(patch_size, "patch_size")
         dist_thr = _positive_float(graph.get("dist_thr", DEFAULT_DIST_THR), "dist_thr")
+        if dist_thr > MAX_DIST_THR:
+            raise ValueError(f"dist_thr {dist_thr:g} is beyond {MAX_DIST_THR:g} patch steps")
         training = document.get("training") or {}
         options = parse_graph_options(graph)
-        check_graph_options(config, options)
         assumed = document.get("assumed") or []
         if not isinstance(assumed, list) or not all(isinstance(item, str) for item in assumed):
             raise ValueError("assumed must be a list of strings")
@@ -136,6 +142,11 @@ def check_pool_config(config: PoolConfig) -> None:
         alpha = config.sm_alpha
         if not (isinstance(alpha, float) and 0.0 <= alpha < 1.0):
             raise ValueError(f"sm_alpha must be 'trainable' or a number in [0, 1), got {alpha!r}")
+    if config.sm_steps > MAX_SM_STEPS:
+        raise ValueError(
+            f"sm_steps {config.sm_steps} is beyond {MAX_SM_STEPS} (approx Sm settles in tens of steps; "
+            "sm_mode exact is its limit)"
+        )
 
 
 def parse_graph_options(graph: dict) -> GraphOptions:
@@ -155,14 +166,6 @@ def parse_graph_options(graph: dict) -> GraphOptions:
 def has_sm(pool: PoolConfig) -> bool:
     """torchmil builds an Sm (not an Identity) for these settings."""
     return pool.sm_steps > 0 and pool.sm_alpha not in (0.0, 0) and pool.sm_where != "none"
-
-
-def check_graph_options(pool: PoolConfig, graph: GraphOptions) -> None:
-    """Raise ValueError for a combination smcli cannot compute exactly (none at present).
-
-    Exact Sm on an unnormalized adjacency is accepted: the solver bounds each bag's spectrum and
-    refuses that bag (SmSolveError) where (1 + coef) I - coef A is not provably positive definite.
-    """
 
 
 def feature_extractor_refusal(names: list[str]) -> str:
@@ -237,9 +240,57 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
             path, f"no '{CONFIG_KEY}' metadata: not an smcli checkpoint (make one with `smcli convert`)"
         )
     config = parse_config(metadata[CONFIG_KEY], path)
+    check_stored_tensors(path, config, tensors)  # before build_module allocates anything
     module = build_module(config)
     _load_state(module, tensors, path)
-    return LoadedModel(config, module.to(device), path, file_sha256(path))
+    return LoadedModel(config, module.to(device), path, file_sha256(path), feature_limit(module))
+
+
+def check_stored_tensors(path: Path, config: ModelConfig, tensors: dict) -> None:
+    """What must hold before a model is built from `tensors`; each failure is a one-line ModelError.
+
+    - the file holds at least the in_dim x att_dim numbers of proj1 (a config claiming 1e6 x 1e5
+      is refused here, not after allocating 400 GB for it);
+    - every floating tensor is finite (a NaN weight scores every bag NaN, or 'probability 1.0');
+    - the Sm coefficient gives a defined operator (approx divides by 1 + coef).
+    """
+    pool = config.pool
+    stored = sum(int(np.prod(getattr(t, "shape", ()), dtype=np.float64)) for t in tensors.values())
+    if pool.in_dim * pool.att_dim > stored:
+        raise _fail(
+            path,
+            f"the config's in_dim {pool.in_dim} x att_dim {pool.att_dim} needs "
+            f"{pool.in_dim * pool.att_dim:,} weights, the file holds {stored:,} numbers",
+        )
+    for name in sorted(tensors):
+        if _is_floating(tensors[name]):
+            bad = count_non_finite(np.asarray(tensors[name]))
+            if bad:
+                raise _fail(path, f"tensor {name} has {bad} non-finite values (NaN or inf)")
+    coef = next((tensors[k] for k in ("sm.sm.coef", "pool.sm.sm.coef") if k in tensors), None)
+    if coef is not None and _is_floating(coef) and np.asarray(coef).size == 1 and pool.sm_mode == "approx":
+        value = float(np.asarray(coef, dtype=np.float64).reshape(()))
+        if 1.0 + value == 0.0:
+            raise _fail(path, f"sm.sm.coef is {value:g}: approx Sm divides by 1 + coef")
+
+
+def feature_limit(module) -> float:
+    """The largest |feature| the model takes without overflowing float32 in proj1 (or the head).
+
+    |x W1^T + b1| <= max|x| * max_j ||W1_j||_1 + max|b1|, and the head's |w . z + b| likewise with
+    z a convex combination of rows; a quarter of float32's range is left for Sm and activations.
+    """
+    pool = getattr(module, "pool", module)
+    budget = FLOAT32_MAX / 4
+    limits = []
+    for weight, bias in [(pool.weight("proj1"), pool.params["proj1.bias"])] + (
+        [(module.head["weight"], module.head["bias"])] if hasattr(module, "head") else []
+    ):
+        row_l1 = float(np.abs(np.asarray(weight, dtype=np.float64)).sum(axis=1).max(initial=0.0))
+        offset = float(np.abs(np.asarray(bias, dtype=np.float64)).max(initial=0.0))
+        if row_l1 > 0:
+            limits.append(max(budget - offset, 0.0) / row_l1)
+    return min(limits, default=math.inf)
 
 
 def _is_floating(tensor) -> bool:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from smcli.errors import SmcliError
+from smcli.errors import SmcliError, printable
 
 app = typer.Typer(
     name="smcli",
@@ -23,6 +23,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from smcli import __version__  # the package root only: no numpy, no torch
+
+        typer.echo(f"smcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print smcli's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Per-patch Sm attention for whole-slide bags, identical to torchmil 1.0.2."""
+
 
 ModelOption = Annotated[
     Path,
@@ -49,12 +70,29 @@ ColumnOption = Annotated[str, typer.Option("--column", help="Table column to dra
 
 
 def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(printable(message), file=sys.stderr, flush=True)
 
 
 def _exit_on(err: SmcliError) -> typer.Exit:
+    from smcli.errors import StdoutClosed
+
+    if isinstance(err, StdoutClosed):  # EPIPE stays quiet, as for any Unix filter
+        _silence_stdout()
+        return typer.Exit(code=err.exit_code)
     _stderr(f"error: {err}")
     return typer.Exit(code=err.exit_code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail a second time."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (e.g. under a test runner)
+        pass
 
 
 @app.command()
@@ -93,6 +131,13 @@ def score(
     top_k: Annotated[
         int | None, typer.Option("--top-k", help="Keep only the K highest-attention patches per bag, ranked.")
     ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Fail a bag instead of warning: shared cells, few or no edges, an inferred patch step.",
+        ),
+    ] = False,
 ) -> None:
     """Score bags: per-patch attention logits and weights (and the bag logit with a head).
 
@@ -108,9 +153,7 @@ def score(
 
     reporter = Reporter(quiet=quiet)
     try:
-        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
-            if value is not None and not value > 0:
-                raise UsageError(f"{name} must be positive, got {value}")
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         if top_k is not None and top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {top_k}")
         if skip_existing and overwrite:
@@ -122,7 +165,11 @@ def score(
             fmt=fmt,
             device=device,
             options=ScoreOptions(
-                BagKeys(features_key, coords_key, labels_key), patch_size, dist_thr, top_k=top_k
+                BagKeys(features_key, coords_key, labels_key),
+                patch_size,
+                dist_thr,
+                top_k=top_k,
+                strict=strict,
             ),
             existing="skip" if skip_existing else "overwrite" if overwrite else "fail",
             fail_fast=fail_fast,
@@ -196,13 +243,10 @@ def convert(
     """
     from smcli.convert import ConvertOptions
     from smcli.convert import convert as convert_checkpoint
-    from smcli.errors import UsageError
 
     try:
         alpha = _parse_alpha(sm_alpha)
-        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
-            if value is not None and not value > 0:
-                raise UsageError(f"{name} must be positive, got {value}")
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         options = ConvertOptions(
             act,
             sm_mode,
@@ -293,9 +337,7 @@ def inspect_files(
     from smcli.inspect import inspect_file
 
     try:
-        for name, value in (("--patch-size", patch_size), ("--dist-thr", dist_thr)):
-            if value is not None and not value > 0:
-                raise UsageError(f"{name} must be positive, got {value}")
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         paths = find_bags(files)  # a directory means its bag and checkpoint files
         if not paths:
             raise UsageError(f"nothing to inspect in {', '.join(map(str, files))}")
@@ -517,12 +559,21 @@ def geojson(
 
 
 def _check_positive(**values: float | None) -> None:
-    """UsageError for a given --patch-size / --dist-thr that is not a positive number."""
+    """UsageError for a given --patch-size / --dist-thr that is not a positive, finite number
+    (and a --dist-thr past graph.MAX_DIST_THR: its neighbourhoods would cost memory, not sense)."""
+    import math
+
     from smcli.errors import UsageError
+    from smcli.graph import MAX_DIST_THR
 
     for name, value in values.items():
+        flag = f"--{name.replace('_', '-')}"
         if value is not None and not value > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"{flag} must be positive, got {value}")
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if name == "dist_thr" and value is not None and value > MAX_DIST_THR:
+            raise UsageError(f"{flag} {value:g} is beyond {MAX_DIST_THR:g} patch steps")
 
 
 def _parse_alpha(text: str | None):
@@ -539,5 +590,13 @@ def _parse_alpha(text: str | None):
     return value
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Any Python warning (numpy's RuntimeWarning, ...) as one `warning:` line, never a raw block."""
+    _stderr(f"warning: {category.__name__}: {message}")
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _warning_line
     app()

@@ -28,7 +28,6 @@ from smcli.checkpoint import (
     ModelConfig,
     PoolConfig,
     build_module,
-    check_graph_options,
     check_pool_config,
     feature_extractor_refusal,
     has_sm,
@@ -36,7 +35,7 @@ from smcli.checkpoint import (
     verify_state,
 )
 from smcli.errors import ModelError, UsageError
-from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, ORIGINS, GraphOptions
+from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, MAX_DIST_THR, ORIGINS, GraphOptions
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")  # dicts that hold the state dict
 PREFIXES = ("model.", "module.", "_orig_mod.")  # Trainer wrapper, DDP, torch.compile
@@ -191,6 +190,8 @@ def _check_value(name: str, value: Any) -> Any:
             or not (math.isfinite(value) and value > 0)
         ):
             raise ValueError(f"{name} must be a positive number")
+        if name == "dist_thr" and value > MAX_DIST_THR:  # scoring refuses it at load: so does convert
+            raise ValueError(f"dist_thr {value:g} is beyond {MAX_DIST_THR:g} patch steps")
         return float(value)
     if name in ("spectral_norm", "normalize"):
         if not isinstance(value, bool):
@@ -438,7 +439,6 @@ def resolve(facts: TensorFacts, resolver: _Resolver) -> ModelConfig:
     )
     try:
         check_pool_config(pool)
-        check_graph_options(pool, graph)
     except ValueError as err:
         raise resolver.fail(str(err)) from None
     assumed = tuple(sorted(resolver.assumed, key=lambda item: SETTINGS.index(item.partition("=")[0])))

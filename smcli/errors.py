@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """`text` as one line that any stream can take: undecodable file-name bytes (surrogate escapes)
+    become `\\udcXX`, control characters and line separators `\\xNN` / `\\uNNNN`. For stderr
+    lines and `_bags.csv` cells."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class SmcliError(Exception):
     """Base class: a problem a user can act on. `str(err)` is the one-line message."""
 
@@ -31,6 +41,10 @@ class OutputError(SmcliError):
     """An output file could not be written."""
 
     exit_code = 1
+
+
+class StdoutClosed(OutputError):
+    """The process reading stdout went away (EPIPE, e.g. `| head`): stop quietly with status 1."""
 
 
 class Interrupted(BaseException):

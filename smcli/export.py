@@ -19,7 +19,6 @@ from smcli.checkpoint import (
     ModelConfig,
     PoolConfig,
     build_module,
-    check_graph_options,
     check_pool_config,
     feature_extractor_refusal,
     save_checkpoint,
@@ -167,10 +166,6 @@ def export_config(
     for name, value in (("patch_size", patch_size), ("dist_thr", dist_thr)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise _fail(f"{name} must be positive and finite, got {value!r}")
-    try:
-        check_graph_options(config, graph)
-    except ValueError as err:
-        raise _fail(str(err)) from None
     prefix = "pool." if head else ""
     tensors = {prefix + key: value for key, value in pool.state_dict().items()}
     if head:

@@ -26,7 +26,10 @@ import numpy as np
 DEFAULT_DIST_THR = math.sqrt(2.0)  # the 8-neighbourhood on the patch grid
 GRID_LIMIT = 2.0**40  # cells per axis; beyond this the step is certainly wrong (and int64 keys overflow)
 RASTER_CELLS_PER_PATCH = 16  # the raster path is used while the bounding box stays this compact
-MAX_MEAN_DEGREE = 1000  # more neighbours than this per patch means a patch step far too large
+MAX_MEAN_DEGREE = 256  # more neighbours than this per patch means a patch step far too large
+MAX_NEIGHBOURS_PER_OFFSET = 16  # patches per neighbour cell: a step over 4x too large per axis
+MAX_DIST_THR = 64.0  # patch steps; ~12,900 neighbour offsets, every one a pass over the bag
+CHUNK_ENTRIES = 1 << 22  # (patches x offsets) gathered at once on the raster path: 32 MB of int64
 ORIGINS = ("min", "zero")
 EDGE_WEIGHTS = ("binary", "feature_distance")
 FEATURE_DISTANCE_CHUNK_VALUES = 1 << 22  # edges x feature columns per chunk (16 MiB of float32)
@@ -115,6 +118,8 @@ def neighbour_offsets(dist_thr: float) -> np.ndarray:
     """
     if not dist_thr >= 0:
         return np.zeros((0, 2), dtype=np.int64)
+    if not dist_thr <= MAX_DIST_THR:  # inf included: the offsets grid grows as dist_thr^2
+        raise GraphError(f"dist_thr {dist_thr:g} is beyond {MAX_DIST_THR:g} patch steps")
     reach = int(math.floor(dist_thr)) + 1
     steps = np.arange(-reach, reach + 1, dtype=np.int64)
     dx, dy = np.meshgrid(steps, steps, indexing="ij")
@@ -134,14 +139,17 @@ def build_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nda
     if n < 2 or offsets.shape[0] == 0:
         return np.zeros((2, 0), dtype=np.int64)
     reach = int(np.abs(offsets).max())
+    # gaps no offset bridges shrink to reach + 1: the same edges, and keys far from int64's range
+    # (cells up to GRID_LIMIT apart would wrap x * width around and alias distant cells)
+    cells = np.stack([_compact_axis(cells[:, 0], reach), _compact_axis(cells[:, 1], reach)], axis=1)
     width = int(cells[:, 1].max()) + 2 * reach + 1  # no key collisions across grid rows
-    keys = cells[:, 0] * width + cells[:, 1]
+    keys = cells[:, 0] * width + cells[:, 1]  # < (n (reach + 1))^2: no overflow below ~1e8 patches
 
     order = np.argsort(keys, kind="stable")  # instances grouped by cell
     unique_keys, starts, counts = np.unique(keys[order], return_index=True, return_counts=True)
 
-    budget = MAX_MEAN_DEGREE * n  # directed pairs allowed (same-cell pairs counted with self pairs)
-    sources, targets = [], []
+    budget = neighbour_budget(n, offsets.shape[0])  # directed pairs (same-cell ones with self pairs)
+    matches = []  # first count every offset's pairs (cheap: per cell), then build the edges
     for dx, dy in offsets:
         wanted = unique_keys + (dx * width + dy)
         pos = np.searchsorted(unique_keys, wanted)
@@ -151,13 +159,13 @@ def build_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nda
         cell_b = pos[hit]
         if cell_a.shape[0] == 0:
             continue
+        budget -= int((counts[cell_a] * counts[cell_b]).sum())
+        if budget < 0:  # before any pair is materialized
+            raise too_dense(n, offsets.shape[0])
+        matches.append((dx, dy, cell_a, cell_b))
+    sources, targets = [], []
+    for dx, dy, cell_a, cell_b in matches:
         count_a, count_b = counts[cell_a], counts[cell_b]
-        budget -= int((count_a * count_b).sum())
-        if budget < 0:
-            raise GraphError(
-                f"the graph would have over {MAX_MEAN_DEGREE} neighbours per patch: "
-                "the patch step is far too large for these coords"
-            )
         if np.all(count_a == 1) and np.all(count_b == 1):
             i = order[starts[cell_a]]
             j = order[starts[cell_b]]
@@ -178,6 +186,31 @@ def build_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nda
     col = np.concatenate(targets)
     by_row_col = np.argsort(row * n + col, kind="stable")
     return np.stack([row[by_row_col], col[by_row_col]])
+
+
+def _compact_axis(values: np.ndarray, reach: int) -> np.ndarray:
+    """Cell coordinates on one axis -> 0, 1, ... keeping every difference up to reach + 1 exactly."""
+    unique, inverse = np.unique(values, return_inverse=True)
+    positions = np.zeros(unique.shape[0], dtype=np.int64)
+    np.cumsum(np.minimum(np.diff(unique), reach + 1), out=positions[1:])
+    return positions[inverse.reshape(-1)]
+
+
+def neighbour_budget(n: int, n_offsets: int) -> int:
+    """Directed neighbour pairs a bag of n patches may have: the one guard on the edge arrays' size.
+
+    At most MAX_NEIGHBOURS_PER_OFFSET patches per neighbour cell on average (more means the patch
+    step is far too large and patches pile onto shared cells), and never over MAX_MEAN_DEGREE.
+    """
+    return n * min(MAX_MEAN_DEGREE, MAX_NEIGHBOURS_PER_OFFSET * n_offsets)
+
+
+def too_dense(n: int, n_offsets: int) -> GraphError:
+    per_patch = neighbour_budget(n, n_offsets) // max(n, 1)
+    return GraphError(
+        f"the graph would have over {per_patch} neighbours per patch: "
+        "the patch step is far too large for these coords (or --dist-thr is)"
+    )
 
 
 def raster_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.ndarray | None:
@@ -203,11 +236,22 @@ def raster_edges(cells: np.ndarray, dist_thr: float = DEFAULT_DIST_THR) -> np.nd
     raster[x, y] = np.arange(n)
     if np.count_nonzero(raster >= 0) < n:
         return None  # several patches on one cell
-    neighbours = raster[x[:, None] + offsets[:, 0], y[:, None] + offsets[:, 1]]  # (N, n_offsets)
-    neighbours.sort(axis=1)  # -1 (no neighbour) first, then ascending instance index
-    present = neighbours >= 0
-    row = np.broadcast_to(np.arange(n)[:, None], neighbours.shape)[present]
-    return np.stack([row, neighbours[present]])
+    per_patch = neighbour_budget(1, offsets.shape[0] + 1)  # the edge list is sized by this guard,
+    found = 0  # checked as the chunks go, so a clique is refused after one chunk, not at 1000 n
+    rows, cols = [], []
+    chunk = max(1, CHUNK_ENTRIES // offsets.shape[0])  # patches per gather: bounded temporaries
+    for start in range(0, n, chunk):
+        xs, ys = x[start : start + chunk], y[start : start + chunk]
+        neighbours = raster[xs[:, None] + offsets[:, 0], ys[:, None] + offsets[:, 1]]  # (chunk, n_offsets)
+        neighbours.sort(axis=1)  # -1 (no neighbour) first, then ascending instance index
+        present = neighbours >= 0
+        found += int(np.count_nonzero(present))
+        if found > per_patch * min(n, start + chunk):
+            raise too_dense(n, offsets.shape[0] + 1)
+        index = np.arange(start, start + xs.shape[0])[:, None]
+        rows.append(np.broadcast_to(index, neighbours.shape)[present])
+        cols.append(neighbours[present])
+    return np.stack([np.concatenate(rows), np.concatenate(cols)])
 
 
 def normalized_weights(edge_index: np.ndarray, n: int) -> np.ndarray:
@@ -293,25 +337,29 @@ def grid_cells_with_origin(coords: np.ndarray, patch_size: float, origin: str = 
 def feature_distance_weights(edge_index: np.ndarray, features: np.ndarray) -> np.ndarray:
     """exp(-||x_i - x_j||_2 / D) for every directed edge (i, j), in float32, as torchmil's build_adj.
 
-    edge_index: (2, E) int64.  features: (N, D) numpy array (float32 as torchmil trains on).
+    edge_index: (2, E) int64, symmetric ((j, i) for every (i, j)), sorted by (row, col), as
+    neighbour_edges makes it.  features: (N, D) numpy array (float32 as torchmil trains on).
     torchmil subtracts in the features' dtype, takes np.linalg.norm and divides by D in float32;
     here the squared differences are summed in float64 (torchmil's float32 dot rounds differently,
-    by a few float32 ulps at most). Chunked over edges: memory stays O(chunk x D), not O(E x D).
-    Returns (E,) float32.
+    by a few float32 ulps at most). Each undirected edge is computed once and copied to its
+    reverse; chunked over edges, so memory stays O(chunk x D), not O(E x D). Returns (E,) float32.
     """
     row, col = edge_index
-    n_edges = row.shape[0]
     dim = int(features.shape[1])
-    out = np.empty(n_edges, dtype=np.float32)
+    upper = np.flatnonzero(row < col)  # one direction of every undirected edge
+    # sorted by (col, row), the edge list lists the reverses of the (row, col)-sorted edges
+    reverse = np.lexsort((row, col))
+    out = np.empty(row.shape[0], dtype=np.float32)
     chunk = max(1, FEATURE_DISTANCE_CHUNK_VALUES // max(dim, 1))
-    for start in range(0, n_edges, chunk):
-        stop = min(start + chunk, n_edges)
-        difference = features[row[start:stop]].astype(np.float32) - features[col[start:stop]].astype(
-            np.float32
-        )  # (chunk, D), rounded once as torchmil's float32 subtraction
+    for start in range(0, upper.shape[0], chunk):
+        edges = upper[start : start + chunk]
+        # (chunk, D), rounded once as torchmil's float32 subtraction
+        difference = features[row[edges]].astype(np.float32) - features[col[edges]].astype(np.float32)
         squared = np.einsum("ij,ij->i", difference, difference, dtype=np.float64)  # (chunk,)
         distance = np.sqrt(squared).astype(np.float32)
-        out[start:stop] = np.exp(-(distance / np.float32(dim)))
+        weight = np.exp(-(distance / np.float32(dim)))
+        out[edges] = weight
+        out[reverse[edges]] = weight
     return out
 
 

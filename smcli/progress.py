@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+from smcli.errors import printable
 from smcli.results import BagResult
 
 LOG_EVERY_SECONDS = 30.0
@@ -27,8 +28,10 @@ class Reporter:
         self.last_log = self.started
         self.progress: Any = None  # rich.progress.Progress on a terminal
         self.task: Any = None
+        self.inferred_steps: set[float] = set()  # said once each, not once per bag
 
     def line(self, text: str) -> None:
+        text = printable(text)
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
@@ -62,15 +65,18 @@ class Reporter:
             self.patches += summary.n_instances or 0
         if summary.status == "error":
             self.line(f"error: {summary.error}")
-        elif not self.quiet:
-            if summary.patch_step_source == "inferred":  # no flag, metadata or model said it
-                self.line(f"note: {summary.path}: patch step {summary.patch_step:g} inferred from the coords")
+        elif not self.quiet and summary.status == "ok":  # a skipped bag's figures are from an earlier run
+            step = summary.patch_step
+            inferred = summary.patch_step_source == "inferred"  # no flag, metadata or model said it
+            if inferred and step is not None and step not in self.inferred_steps:
+                self.inferred_steps.add(step)
+                self.line(f"note: {summary.path}: patch step {step:g} inferred from the coords")
             for warning in summary.warnings:
                 self.line(f"warning: {summary.path}: {warning}")
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = f"{self.patches / elapsed:,.0f} patches/s"
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, rate=rate, bag=summary.bag_id)
+            self.progress.update(self.task, advance=1, rate=rate, bag=printable(summary.bag_id))
         elif not self.quiet and self._log_due():
             self.line(f"smcli: {self.done}/{self.total} bags, {rate}")
 

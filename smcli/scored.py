@@ -220,14 +220,14 @@ class Failed:
 
 def count_inputs(request: ValuesRequest) -> tuple[list[Path], list[Path]]:
     """(tables, bags) of the request; UsageError when there is nothing or a bag lacks a model."""
-    from smcli.scoring import INSTANCE_COLUMNS
-
     if not request.inputs:
         raise UsageError("no inputs")
     tables, bag_paths = split_inputs(request.inputs)
     if not tables and not bag_paths:
         raise UsageError(f"nothing to read in {', '.join(map(str, request.inputs))}")
     if bag_paths:
+        from smcli.scoring import INSTANCE_COLUMNS  # only bags are scored: tables need no scorer
+
         if request.model is None:
             raise UsageError(f"{bag_paths[0]}: a bag file needs a model to score it (-m MODEL)")
         if request.column not in (*INSTANCE_COLUMNS, "label"):
@@ -263,8 +263,6 @@ def iter_values(request: ValuesRequest) -> Iterator[BagValues | Failed]:
     Usage and model problems raise (UsageError/ModelError) before the first bag; call
     `count_inputs` first to get them before creating any output.
     """
-    from smcli.scoring import ScoreOptions
-
     tables, bag_paths = count_inputs(request)
     model = None
     if bag_paths and request.model is not None:  # count_inputs made sure a bag comes with a model
@@ -285,6 +283,10 @@ def iter_values(request: ValuesRequest) -> Iterator[BagValues | Failed]:
                 "give a directory as -o"
             )
         yield from found
+    if not bag_paths:
+        return
+    from smcli.scoring import ScoreOptions
+
     options = ScoreOptions(request.keys, request.patch_size, request.dist_thr, "cpu")
     for path in bag_paths:
         try:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from smcli.bags import Bag, BagKeys, Geometry, load_bag, peek_bag_id, resolve_geometry
+from smcli.bags import Bag, BagKeys, Geometry, check_input, load_bag, peek_bag_id, resolve_geometry
 from smcli.checkpoint import LoadedModel
 from smcli.errors import BagError, SmcliError, UsageError
 from smcli.graph import (
@@ -36,6 +37,7 @@ class ScoreOptions:
     dist_thr: float | None = None
     device: str = "cpu"
     top_k: int | None = None  # keep only the K highest-attention patches (ties: lower instance first)
+    strict: bool = False  # geometry warnings and an inferred patch step fail the bag
 
 
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present whenever the NVIDIA kernel driver is loaded
@@ -120,6 +122,11 @@ def prepare_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptio
         raise BagError(
             f"{bag.path}: features have {bag.features.shape[1]} columns, the model expects {model.in_dim}"
         )
+    if bag.feature_peak is not None and bag.feature_peak > model.feature_limit:
+        raise BagError(
+            f"{bag.path}: features reach |x| = {bag.feature_peak:.3g}; with this model's weights the "
+            f"projection overflows float32 beyond {model.feature_limit:.3g} (are the features scaled?)"
+        )
     geometry = resolve_geometry(bag, options.patch_size, model.config.patch_size)
     dist_thr = options.dist_thr if options.dist_thr is not None else model.config.dist_thr
     graph = model.config.graph
@@ -129,6 +136,14 @@ def prepare_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptio
         adjacency = build_adjacency_with(cells, dist_thr, graph, features)
     except GraphError as err:
         raise BagError(f"{bag.path}: {err}") from None
+    if options.strict:  # a pipeline that must not score Sm-free on a wrong --patch-size
+        problems = geometry_warnings(bag, geometry, cells, adjacency.n_edges)
+        if geometry.source == "inferred":
+            problems.insert(
+                0, f"patch step {geometry.patch_step:g} inferred from the coords (give --patch-size)"
+            )
+        if problems:
+            raise BagError(f"{bag.path}: --strict: " + "; ".join(problems))
     return PreparedBag(bag, geometry, dist_thr, cells, adjacency, time.perf_counter() - started)
 
 
@@ -171,6 +186,7 @@ def score_bag(
     except SmSolveError as err:
         raise BagError(f"{bag.path}: {err}") from None
     logits = module.backend.to_numpy(out.attention_logit)
+    check_finite_scores(bag.path, logits, out.bag_logit)
     weights = softmax_weights(logits)
 
     columns = {
@@ -209,6 +225,19 @@ def score_bag(
     )
     summary.seconds = time.perf_counter() - started
     return BagResult(summary, table)
+
+
+def check_finite_scores(path: Path, logits: np.ndarray, bag_logit: float | None) -> None:
+    """A NaN or inf attention or bag logit (float32 overflow somewhere) is that bag's error, never
+    a row of NaNs or a probability of 1.0 reported ok."""
+    bad = int(np.count_nonzero(~np.isfinite(logits)))
+    if bad:
+        raise BagError(
+            f"{path}: {bad} of {logits.shape[0]} attention logits are not finite (NaN or inf): "
+            "the features or weights overflow float32"
+        )
+    if bag_logit is not None and not math.isfinite(bag_logit):
+        raise BagError(f"{path}: the bag logit is not finite ({bag_logit}): float32 overflow")
 
 
 def softmax_weights(logits: np.ndarray) -> np.ndarray:
@@ -256,6 +285,38 @@ def failed(path: Path, error: SmcliError | str, bag_id: str | None = None) -> Ba
     return BagResult(BagSummary(bag_id=bag_id or path.stem, path=str(path), status="error", error=str(error)))
 
 
+def unexpected(path: Path, err: Exception) -> BagError:
+    """The last line of defence: an exception no check foresaw becomes that bag's one-line error."""
+    detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return BagError(f"{path}: unexpected {type(err).__name__}" + (f" ({detail})" if detail else ""))
+
+
+class _ReadAhead:
+    """Runs one read on a daemon thread. Not a ThreadPoolExecutor: its worker is joined at exit,
+    so a read stuck in the kernel (a hung network mount) would keep SIGINT/SIGTERM from ending
+    the run; a daemon thread is simply abandoned."""
+
+    def __init__(self, read: Callable[[Path], Any], path: Path) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._read, self._path = read, path
+        threading.Thread(target=self._run, name="smcli-reader", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._read(self._path)
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread, never lost
+            self._value = err
+        finally:
+            self._done.set()
+
+    def result(self) -> Any:
+        self._done.wait()  # interruptible: a signal handler's exception propagates from here
+        if isinstance(self._value, BaseException) and not isinstance(self._value, Exception):
+            raise self._value
+        return self._value
+
+
 def score_bags(
     paths: Iterable[Path],
     model: LoadedModel,
@@ -266,35 +327,40 @@ def score_bags(
 
     `precheck(path, bag_id)` may answer for a bag before it is read (e.g. output already there);
     a bag that cannot be read or scored yields a result with status 'error'; the others go on.
+    Every exception from one input (foreseen or not) ends as that input's error row.
     """
     paths = [Path(p) for p in paths]
 
     def read(path: Path) -> PreparedBag | BagResult | SmcliError:
-        if precheck is not None:
-            answer = precheck(path, peek_bag_id(path))
-            if answer is not None:
-                return answer
         try:
+            check_input(path)  # before anything opens it: a FIFO must not block the reader
+            if precheck is not None:
+                answer = precheck(path, peek_bag_id(path))
+                if answer is not None:
+                    return answer
             return prepare_bag(model, load_bag(path, options.keys), options)
         except SmcliError as err:
             return err
+        except Exception as err:  # a bug or an input no check foresaw: that bag's error, not the run's
+            return unexpected(path, err)
 
     if not paths:
         return
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(read, paths[0])
-        for index, path in enumerate(paths):
-            loaded = pending.result()
-            if index + 1 < len(paths):
-                pending = reader.submit(read, paths[index + 1])
-            if isinstance(loaded, BagResult):
-                yield loaded
-            elif isinstance(loaded, SmcliError):
-                yield failed(path, loaded)
-            else:
-                try:
-                    result = score_bag(model, loaded, options)
-                except SmcliError as err:
-                    result = failed(path, err, loaded.bag.bag_id)
-                del loaded
-                yield result
+    pending = _ReadAhead(read, paths[0])
+    for index, path in enumerate(paths):
+        loaded = pending.result()
+        if index + 1 < len(paths):
+            pending = _ReadAhead(read, paths[index + 1])
+        if isinstance(loaded, BagResult):
+            yield loaded
+        elif isinstance(loaded, SmcliError):
+            yield failed(path, loaded)
+        else:
+            try:
+                result = score_bag(model, loaded, options)
+            except SmcliError as err:
+                result = failed(path, err, loaded.bag.bag_id)
+            except Exception as err:
+                result = failed(path, unexpected(path, err), loaded.bag.bag_id)
+            del loaded
+            yield result

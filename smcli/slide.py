@@ -20,6 +20,7 @@ import numpy as np
 from smcli.errors import BagError, UsageError
 
 MAX_SIDE_LIMIT = 20_000  # longest thumbnail side we agree to draw (a 20k x 20k RGB canvas is 1.2 GB)
+READ_PIXELS = 32 * 1024 * 1024  # level pixels per read_region call (128 MB of RGBA)
 MAX_OVERLAP = 64  # patches painted per canvas pixel, on average, before we call the step wrong
 MAX_CROP_PIXELS = 4096 * 4096  # one top-patch crop at level 0
 SLIDE_EXTRA = "reading slides needs OpenSlide: pip install 'smcli[slide]'"
@@ -89,23 +90,49 @@ def open_slide(path: Path):
         raise BagError(f"{path}: cannot read as a slide ({detail})") from None
 
 
+def thumbnail_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(w, h): the slide's aspect ratio with the longer side max_side px, never enlarged."""
+    scale = min(max_side / width, max_side / height, 1.0)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def read_thumbnail(path: Path, max_side: int) -> Thumbnail:
     """The whole slide with its longer side about `max_side` px (never enlarged).
 
-    OpenSlide reads the pyramid level just above that size and downsamples it on the fly.
+    Reads the pyramid level just above that size in horizontal bands of at most READ_PIXELS
+    (a slide without a pyramid costs time, not memory), shrinks each band by the whole factor
+    that still leaves at least the target size (Pillow's box `reduce`), then resamples the
+    result to the exact size (Lanczos). Unlike OpenSlide's `get_thumbnail`, which reads the whole
+    level at once, a slide whose smallest level is huge does not need that level in memory.
     """
     if not 0 < max_side <= MAX_SIDE_LIMIT:
         raise UsageError(f"--max-side must be in 1..{MAX_SIDE_LIMIT}, got {max_side}")
     openslide = require_openslide()
+    from PIL import Image
+
     with open_slide(path) as handle:
         width, height = handle.dimensions
         if width < 1 or height < 1:
             raise BagError(f"{path}: the slide is empty ({width} x {height} pixels)")
+        size = thumbnail_size(width, height, max_side)
+        level = handle.get_best_level_for_downsample(max(width / size[0], height / size[1]))
+        level_w, level_h = handle.level_dimensions[level]
+        downsample = handle.level_downsamples[level]
+        factor = max(1, min(level_w // size[0], level_h // size[1]))  # box-shrink by this first
+        rows = max(factor, READ_PIXELS // level_w // factor * factor)  # band height, a multiple of it
+        bands = []
         try:
-            image = handle.get_thumbnail((max_side, max_side))
+            for top in range(0, level_h, rows):
+                band_h = min(rows, level_h - top)
+                region = handle.read_region((0, round(top * downsample)), level, (level_w, band_h))
+                band = _rgb_on_white(region)
+                bands.append(np.asarray(band.reduce(factor) if factor > 1 else band))
         except (openslide.OpenSlideError, OSError, ValueError) as err:
             raise BagError(f"{path}: cannot read the slide's pixels ({str(err)[:120]})") from None
-    return Thumbnail(path, np.asarray(image.convert("RGB")), (int(width), int(height)))
+    image = Image.fromarray(np.concatenate(bands))
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return Thumbnail(path, np.asarray(image), (int(width), int(height)))
 
 
 def check_inside(coords: np.ndarray, level0_size: tuple[int, int], where: str, slide: Path) -> None:
@@ -220,8 +247,21 @@ def read_patches(path: Path, coords: np.ndarray, size: int) -> list[np.ndarray]:
     return crops
 
 
+def _rgb_on_white(region):
+    """A PIL RGBA region from OpenSlide -> RGB over white, in Pillow (no numpy round trip)."""
+    from PIL import Image
+
+    if region.getchannel("A").getextrema()[0] == 255:  # the usual case: every pixel scanned
+        return region.convert("RGB")
+    white = Image.new("RGB", region.size, (255, 255, 255))
+    white.paste(region, mask=region)
+    return white
+
+
 def _on_white(rgba: np.ndarray) -> np.ndarray:
-    """(H, W, 4) premultiplied-free RGBA from OpenSlide -> (H, W, 3) RGB over white."""
+    """(H, W, 4) RGBA from OpenSlide (not premultiplied) -> (H, W, 3) RGB over white."""
+    if rgba[..., 3].min() == 255:  # the usual case: every pixel scanned, nothing to composite
+        return np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3:4].astype(np.float32) / 255.0
     rgb = rgba[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
     return np.rint(rgb).astype(np.uint8)

@@ -2,20 +2,21 @@
 
 - StdoutSink: one CSV stream on stdout (header once).
 - TableSink: one .csv/.parquet file holding every bag, plus `<stem>_bags.csv` beside it.
-- DirectorySink: `OUT/<bag_id>.csv|.parquet` per bag plus `OUT/_bags.csv`, rewritten after each bag.
+- DirectorySink: `OUT/<bag_id>.csv|.parquet` per bag plus `OUT/_bags.csv`, merged after each bag.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smcli.errors import OutputError, UsageError
+from smcli.errors import OutputError, StdoutClosed, UsageError, printable
 from smcli.files import MAX_BAG_ID_BYTES, atomic_path, safe_bag_id  # noqa: F401  (also imported from here)
 from smcli.results import BagResult, BagSummary
 
@@ -118,7 +119,9 @@ def _cell(value) -> str:
         return ""
     if isinstance(value, float):  # numpy floats too; repr keeps every digit
         return repr(float(value))
-    return str(value)
+    # a path that is not valid UTF-8 is written as \udcXX, a control character as \xNN: the
+    # file stays one valid UTF-8 line per bag for every reader
+    return printable(str(value))
 
 
 def csv_rows_written(writer, rows: list[list[str]]) -> None:
@@ -131,12 +134,117 @@ def write_bags_csv(rows: list[list[str]], path: Path, commit: Callable[[], None]
     import csv
 
     try:
-        with atomic_path(path, commit) as tmp, open(tmp, "w", newline="") as handle:
+        # backslashreplace: a path that is not valid UTF-8 is written as \udcXX, never an exception
+        with (
+            atomic_path(path, commit) as tmp,
+            open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle,
+        ):
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(BAGS_COLUMNS)
             csv_rows_written(writer, rows)
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({_describe_os_error(err)})") from None
+
+
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # atomic_path's names
+
+
+def remove_stale_temporaries(directory: Path, keep: Callable[[str], bool] = lambda name: True) -> list[Path]:
+    """Remove `.<name>.<pid>.tmp` files (atomic_path's) whose process is gone, e.g. was SIGKILLed.
+
+    Only names for which `keep(name)` is true are considered, and only when `pid` is no running
+    process on this machine (a live writer's file is left alone). Returns what was removed.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMPORARY_NAME.match(entry.name)
+        if match is None or not keep(match["name"]) or _process_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):
+        return pid <= 0  # not a process id at all
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive flock on the directory itself (no lock file left behind), for read-merge-write
+    of its bags file by concurrent runs. Where the file system has no flock, no lock."""
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        fd = -1
+    try:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # closing releases the lock
+
+
+def read_bags_csv(path: Path) -> list[list[str]]:
+    """The rows of a bags file in BAGS_COLUMNS order ('' for columns an older file lacks); [] if none."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+            records = list(csv.DictReader(handle))
+    except (OSError, csv.Error):
+        return []
+    return [[record.get(name) or "" for name in BAGS_COLUMNS] for record in records if record.get("bag_id")]
+
+
+def table_rows(path: Path, fmt: str) -> int | None:
+    """Data rows in an output table, read in blocks (memory stays flat); None if it is not whole.
+
+    CSV: smcli's header and a final newline, then one line per row. Parquet: the footer's count.
+    """
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return int(pq.read_metadata(path).num_rows)
+        lines, first, last = 0, b"", b""
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                if not first:
+                    first = block[:64]
+                lines += block.count(b"\n")
+                last = block[-1:]
+        if not first.startswith(b"bag_id,instance,") or last != b"\n":
+            return None
+        return lines - 1
+    except Exception:
+        return None
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(float(text)) if kind is int else float(text)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def output_format(output: Path | None, requested: str | None) -> str:
@@ -154,6 +262,26 @@ def output_format(output: Path | None, requested: str | None) -> str:
     return fmt
 
 
+def refuse_duplicate(result: BagResult, written: set[str]) -> bool:
+    """In one table, a bag id may appear once: a second bag claiming it becomes that bag's error.
+
+    Returns True (and turns `result` into an error) for a duplicate; else records the id.
+    """
+    bag_id = result.summary.bag_id
+    if result.arrow is None:
+        return False
+    if bag_id in written:
+        result.summary.status = "error"
+        result.summary.error = (
+            f"{result.summary.path}: bag_id {bag_id!r} was already written in this run "
+            "(two inputs with the same name)"
+        )
+        result.arrow = None
+        return True
+    written.add(bag_id)
+    return False
+
+
 class StdoutSink:
     """All bags as one CSV on stdout; nothing else goes to stdout."""
 
@@ -161,16 +289,22 @@ class StdoutSink:
 
     def __init__(self) -> None:
         self.header_written = False
+        self.written: set[str] = set()
 
     def precheck(self, path: Path, bag_id: str) -> BagResult | None:
         return None
 
     def add(self, result: BagResult) -> None:
-        if result.arrow is None:
+        if result.arrow is None or refuse_duplicate(result, self.written):
             return
-        sys.stdout.flush()
-        write_csv(result.arrow, sys.stdout.buffer, header=not self.header_written)
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.flush()
+            write_csv(result.arrow, sys.stdout.buffer, header=not self.header_written)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:  # the reader went away (`| head`): stop, quietly
+            raise StdoutClosed("stdout: the reader closed the pipe") from None
+        except OSError as err:  # a full disk (`> /dev/full`, `ulimit -f`): one line, exit 1
+            raise OutputError(f"stdout: cannot write ({_describe_os_error(err)})") from None
         self.header_written = True
 
     def close(self, complete: bool) -> None:
@@ -191,6 +325,7 @@ class TableSink:
         self.bags_path = path.with_name(f"{path.stem}_bags.csv")
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.summaries: list[BagSummary] = []
+        self.written: set[str] = set()
         self.writer: Any = None  # pyarrow.parquet.ParquetWriter once the first bag arrives
         self.schema: Any = None
         self.started = False
@@ -201,13 +336,14 @@ class TableSink:
             raise UsageError(f"{path}: output exists; pass --overwrite to replace it")
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise UsageError(f"{path}: the directory {path.parent} is not writable")
+        remove_stale_temporaries(path.parent, lambda name: name in (path.name, self.bags_path.name))
 
     def precheck(self, path: Path, bag_id: str) -> BagResult | None:
         return None
 
     def add(self, result: BagResult) -> None:
         try:
-            if result.arrow is not None:
+            if result.arrow is not None and not refuse_duplicate(result, self.written):
                 self._append(result)
         except (OSError, ValueError) as err:
             self._discard()
@@ -270,21 +406,36 @@ class TableSink:
             raise OutputError(f"{self.path}: cannot write ({_describe_os_error(err)})") from None
 
 
-class DirectorySink:
-    """One file per bag plus `_bags.csv` (rewritten after every bag), each written atomically.
+KEPT_STATUSES = ("ok", "skipped")  # rows that describe an output file in the directory
 
-    existing: what to do when a bag's output file is already there: 'fail' the bag (default),
-    'skip' it when the file is complete, or 'overwrite' it.
+
+class DirectorySink:
+    """One file per bag plus `_bags.csv`, each written atomically.
+
+    The bags file describes every output file in the directory, not just this run's: rows of
+    earlier runs are kept (an ok row whose file is gone is dropped), a bag scored again replaces
+    its row. After every bag it is merged afresh under a lock on the directory, so concurrent
+    runs (e.g. shards with one bags file, or two --skip-existing resumes) lose no row.
+
+    existing: what to do when a bag's output file is already there: 'fail' the bag (default;
+    the file and its row stay as they are), 'skip' it when the file is complete (its row count
+    equals the n_instances recorded for it), or 'overwrite' it.
     """
 
     fatal_write_errors = False
 
     def __init__(
-        self, directory: Path, fmt: str, existing: str = "fail", bags_name: str = "_bags.csv"
+        self,
+        directory: Path,
+        fmt: str,
+        existing: str = "fail",
+        bags_name: str = "_bags.csv",
+        top_k: int | None = None,
     ) -> None:
         self.directory = directory
         self.fmt = fmt
         self.existing = existing
+        self.top_k = top_k
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -294,26 +445,61 @@ class DirectorySink:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise UsageError(f"{directory}: output directory is not writable")
         self.bags_path = directory / bags_name
-        self.previous = self._previous_rows()
+        remove_stale_temporaries(directory, self._ours)
+        self.disk_rows: list[list[str]] = []  # the bags file as last read or written
+        self.disk_stamp: tuple | None = None
+        self.mine: list[list[str]] = []  # this run's rows, in order (duplicate ids kept)
+        self.mine_ids: set[str] = set()
+        self.refused: set[str] = set()  # 'output exists' errors: their earlier row stays
         self.summaries: list[BagSummary] = []
-        self.rows: list[list[str]] = []  # rendered once, rewritten in full after every bag
         self.claimed: set[str] = set()
         self.seen: set[str] = set()
         self.model_config_json = ""
 
+    def _ours(self, name: str) -> bool:
+        return name == self.bags_path.name or name.endswith((".csv", ".parquet"))
+
     def table_path(self, bag_id: str) -> Path:
         return self.directory / f"{bag_id}.{self.fmt}"
 
-    def _previous_rows(self) -> dict[str, dict]:
-        """Rows of an earlier run's bags file, to carry into 'skipped' rows."""
-        import csv
-
+    def _refresh(self) -> None:
+        """Re-read the bags file if anyone changed it since this run last read or wrote it."""
         try:
-            with open(self.bags_path, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        except (OSError, UnicodeDecodeError, csv.Error):
-            return {}
-        return {row["bag_id"]: row for row in rows if row.get("bag_id") and row.get("n_instances")}
+            st = os.stat(self.bags_path)
+            stamp: tuple | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp == self.disk_stamp and stamp is not None:
+            return
+        rows = read_bags_csv(self.bags_path)
+        status, bag_id = BAGS_COLUMNS.index("status"), BAGS_COLUMNS.index("bag_id")
+        self.disk_rows = [  # an ok row whose file was deleted describes nothing any more
+            row
+            for row in rows
+            if row[status] not in KEPT_STATUSES
+            or (safe_bag_id(row[bag_id]) and self.table_path(row[bag_id]).exists())
+        ]
+        self.disk_stamp = stamp
+
+    def _recorded(self, bag_id: str) -> dict | None:
+        """The latest row of the bags file that describes `bag_id`'s output file, read fresh."""
+        with directory_lock(self.directory):
+            self._refresh()
+        for row in reversed(self.disk_rows):
+            record = dict(zip(BAGS_COLUMNS, row, strict=True))
+            if record["bag_id"] == bag_id and record["status"] in KEPT_STATUSES:
+                return record
+        return None
+
+    def _complete(self, target: Path, record: dict | None) -> bool:
+        """The kept file holds as many rows as its recorded bag had instances (top-k: at most k)."""
+        if record is None:
+            return False  # no figures to check against (or a writer has not recorded it yet)
+        n = _number(record.get("n_instances", ""), int)
+        if n is None:
+            return False
+        expected = n if self.top_k is None else min(self.top_k, n)
+        return table_rows(target, self.fmt) == expected
 
     def precheck(self, path: Path, bag_id: str) -> BagResult | None:
         """Answer for a bag whose output exists, or whose id an earlier input took, before it is read.
@@ -327,15 +513,18 @@ class DirectorySink:
         target = self.table_path(bag_id) if safe_bag_id(bag_id) else None
         if target is None or not target.exists() or self.existing == "overwrite":
             return None
-        if self.existing == "skip" and table_is_complete(target, self.fmt):
-            return skipped_result(path, bag_id, self.previous.get(bag_id))
+        record = self._recorded(bag_id)
         if self.existing == "skip":
-            return None  # an incomplete file (not written by smcli): score the bag again
-        result = skipped_result(path, bag_id, self.previous.get(bag_id))  # keeps the earlier figures
+            if self._complete(target, record):
+                return skipped_result(path, bag_id, record)
+            return None  # incomplete, or not known to be complete: score the bag again
+        result = skipped_result(path, bag_id, record)  # keeps the earlier figures
         result.summary.status = "error"
         result.summary.error = (
             f"{target} exists; pass --skip-existing to keep it or --overwrite to replace it"
         )
+        if record is not None:
+            self.refused.add(bag_id)
         return result
 
     def add(self, result: BagResult) -> None:
@@ -368,46 +557,40 @@ class DirectorySink:
         self._record(result)
 
     def _record(self, result: BagResult) -> None:
-        self.summaries.append(result.summary)
-        self.rows.append(bags_row(result.summary))
-        write_bags_csv(self.rows, self.bags_path)
+        summary = result.summary
+        self.summaries.append(summary)
+        if summary.status == "error" and summary.bag_id in self.refused:
+            return  # the file was left alone, so is the row that describes it
+        self.mine.append(bags_row(summary))
+        self.mine_ids.add(self.mine[-1][0])  # as written (a non-UTF-8 id escaped)
+        with directory_lock(self.directory):
+            self._refresh()
+            rows = [row for row in self.disk_rows if row[0] not in self.mine_ids] + self.mine
+            write_bags_csv(rows, self.bags_path)
+            self.disk_rows = rows
+            with contextlib.suppress(OSError):
+                st = os.stat(self.bags_path)
+                self.disk_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def close(self, complete: bool) -> None:
         return None
 
 
-def table_is_complete(path: Path, fmt: str) -> bool:
-    """True if `path` is a whole table (smcli renames files into place only when complete)."""
-    try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            pq.read_metadata(path)
-            return True
-        with open(path, "rb") as handle:
-            first = handle.readline()
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 1))
-            last = handle.read(1)
-        return first.startswith(b"bag_id,instance,") and last == b"\n"
-    except Exception:
-        return False
-
-
 def skipped_result(path: Path, bag_id: str, previous: dict | None) -> BagResult:
+    """A 'skipped' row carrying the figures recorded for the kept file (numbers parsed back)."""
     summary = BagSummary(bag_id=bag_id, path=str(path), status="skipped")
     if previous:
-        for name in (
-            "n_instances",
-            "n_edges",
-            "logit",
-            "probability",
-            "patch_step",
-            "patch_step_source",
-            "dist_thr",
+        for name, kind in (
+            ("n_instances", int),
+            ("n_edges", int),
+            ("logit", float),
+            ("probability", float),
+            ("patch_step", float),
+            ("dist_thr", float),
+            ("auroc", float),
+            ("input_bytes", int),
         ):
-            value = previous.get(name)
-            if value not in ("", None):
-                setattr(summary, name, value)
+            setattr(summary, name, _number(previous.get(name, ""), kind))
+        for name in ("patch_step_source", "model_sha256", "device", "smcli_version", "scored_at"):
+            setattr(summary, name, previous.get(name, ""))
     return BagResult(summary)

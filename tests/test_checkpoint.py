@@ -31,8 +31,8 @@ def config_json(**pool):
     return json.dumps({"pool": base, "head": False, "graph": {"patch_size": None, "dist_thr": 1.5}})
 
 
-def graph_json(sm_mode="approx", **graph):
-    document = json.loads(config_json(sm_mode=sm_mode))
+def graph_json(**graph):
+    document = json.loads(config_json())
     document["graph"].update(graph)
     return json.dumps(document)
 

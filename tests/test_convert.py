@@ -485,3 +485,67 @@ def test_any_wrapper_prefix_and_settings_source_converts_the_same(
     loaded = load_model(tmp_path / "m.safetensors").module.state_dict()
     assert loaded.keys() == oracle.state_dict().keys()
     assert all(np.array_equal(loaded[k], v.numpy()) for k, v in oracle.state_dict().items())
+
+
+# --- property: bad input of every kind is one SmcliError, never a crash ------------------------
+
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False),
+    st.sampled_from(
+        ["approx", "exact", "early", "late", "none", "tanh", "trainable", "min", "zero", "binary"]
+    ),
+    st.text(max_size=5),
+    st.lists(st.integers(0, 3000), max_size=2),
+)
+CONFIG_KEYS = st.sampled_from(
+    ["in_dim", "in_shape", "att_dim", "act", "att_act", "sm_mode", "sm_alpha", "sm_steps", "sm_where"]
+    + ["spectral_norm", "patch_size", "dist_thr", "normalize", "norm_adj", "weights", "adj_with_dist"]
+    + ["origin", "lr", "Sm_mode"]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=st.dictionaries(CONFIG_KEYS, JSON_VALUES, max_size=5), as_hyper_parameters=st.booleans())
+def test_any_config_or_hyper_parameters_converts_or_is_one_clean_error(
+    tmp_path_factory, document, as_hyper_parameters
+):
+    from smcli.errors import SmcliError
+
+    tmp_path = tmp_path_factory.mktemp("fuzz")
+    state = torchmil_model(False, act="gelu").state_dict()
+    path = tmp_path / "m.pt"
+    config = None
+    if as_hyper_parameters:
+        torch.save({"state_dict": state, "hyper_parameters": document}, path)
+    else:
+        torch.save(state, path)
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps(document))
+    out = tmp_path / "m.safetensors"
+    try:
+        result = convert(path, out, ConvertOptions(config=config))
+    except SmcliError as err:
+        named = (f"{path}: ",) if config is None else (f"{path}: ", f"{config}: ")
+        assert "\n" not in str(err) and str(err).startswith(named)
+        assert not out.exists()
+    else:
+        assert load_model(out).config == result.config
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.binary(max_size=300), zipped=st.booleans())
+def test_any_bytes_as_the_training_file_are_one_model_error(tmp_path_factory, payload, zipped):
+    import zipfile
+
+    path = tmp_path_factory.mktemp("bytes") / "junk.pt"
+    if zipped:  # torch.save's container with garbage inside
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
+    else:
+        path.write_bytes(payload)
+    with pytest.raises(ModelError) as err:
+        convert(path, path.with_suffix(".safetensors"), ConvertOptions())
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)

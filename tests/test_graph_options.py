@@ -9,14 +9,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from torchmil.datasets import CAMELYON16MILDataset, ProcessedMILDataset, TridentWSIDataset
+from torchmil.datasets import CAMELYON16MILDataset, PANDAMILDataset, ProcessedMILDataset, TridentWSIDataset
 from torchmil.nn import SmAttentionPool as TorchmilPool
 from torchmil.utils import build_adj, normalize_adj
 
 import smcli
 from smcli.bags import load_bag
 from smcli.checkpoint import load_model
-from smcli.errors import ModelError
+from smcli.errors import BagError, ModelError
 from smcli.graph import (
     GraphOptions,
     build_adjacency_with,
@@ -38,7 +38,7 @@ def jittered_coords(seed: int) -> np.ndarray:
     return coords.astype(np.int64)
 
 
-def camelyon(root, features, coords, **kwargs):
+def camelyon(root, features, coords, dataset_class=CAMELYON16MILDataset, **kwargs):
     base = root / f"patches_{PATCH}"
     for folder in ("features/features_toy", "coords", "labels", "patch_labels"):
         (base / folder).mkdir(parents=True)
@@ -48,7 +48,7 @@ def camelyon(root, features, coords, **kwargs):
     np.save(base / "patch_labels/bag.npy", np.zeros(len(coords)))
     with open(root / "splits.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([["bag_name", "split"], ["bag", "train"]])
-    return CAMELYON16MILDataset(
+    return dataset_class(
         str(root), "toy", "train", bag_keys=["X", "adj", "coords"], patch_size=PATCH, **kwargs
     )
 
@@ -108,11 +108,9 @@ def test_exported_graph_options_score_like_torchmil_datasets(
     )
     torch.manual_seed(0)
     model = TorchmilPool(IN_DIM, 6, "tanh", mode, "trainable", 10, where, True).eval()
-    # exact Sm on an unnormalized graph (row sums up to the degree) is positive definite only for a
-    # small coef: (1 + c) - c * max row sum > 0; larger ones are refused per bag (tests/test_model.py)
-    coef = 0.05 if mode == "exact" and not norm_adj else 1.7
     with torch.no_grad():
-        model.sm.sm.coef.fill_(coef)
+        # exact on a raw adjacency: (1 + coef) I - coef A is positive definite only for small coef
+        model.sm.sm.coef.fill_(0.1 if mode == "exact" and not norm_adj else 1.7)
     out = tmp_path / "m.safetensors"
     config = smcli.export_torchmil(model, out, dataset=dataset)
     assert config.graph == GraphOptions(
@@ -133,6 +131,41 @@ def test_exported_graph_options_score_like_torchmil_datasets(
     # unnormalized smoothing can grow the logits into the hundreds: float32 rounding is relative
     scale = max(1.0, float(np.abs(reference[0].numpy()).max()))
     assert delta <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("with_dist", [False, True])
+def test_exact_on_a_raw_adjacency_is_refused_where_not_provably_solvable(tmp_path, bag_file, with_dist):
+    """coef 1.7 on an unnormalized graph: (1 + coef) I - coef A may be indefinite; a bag error, no number."""
+    coords = jittered_coords(7)
+    features = np.random.default_rng(7).standard_normal((len(coords), IN_DIM)).astype(np.float32)
+    dataset = trident(tmp_path / "data", features, coords, norm_adj=False, adj_with_dist=with_dist)
+    model = TorchmilPool(IN_DIM, 6, "tanh", "exact", "trainable", 10, "mid", True).eval()
+    with torch.no_grad():
+        model.sm.sm.coef.fill_(1.7)
+    smcli.export_torchmil(model, tmp_path / "m.safetensors", dataset=dataset)
+    bag = load_bag(bag_file("b", torch.from_numpy(features), coords))
+    with pytest.raises(BagError, match="not provably positive definite"):
+        score_bag(load_model(tmp_path / "m.safetensors"), bag)
+
+
+def test_panda_dataset_grids_like_camelyon16(tmp_path, bag_file):
+    coords = jittered_coords(5)
+    features = np.random.default_rng(5).standard_normal((len(coords), IN_DIM)).astype(np.float32)
+    dataset = camelyon(tmp_path / "data", features, coords, PANDAMILDataset, adj_with_dist=True)
+    model = TorchmilPool(IN_DIM, 6, "gelu", "approx", 0.7, 10, "mid").eval()
+    config = smcli.export_torchmil(model, tmp_path / "m.safetensors", dataset=dataset)
+    assert (config.graph, config.patch_size, config.dist_thr) == (
+        GraphOptions(True, "feature_distance", "min"),
+        512,
+        1.5,
+    )
+    bag = dataset[0]
+    with torch.no_grad():
+        _, reference = model(bag["X"][None], bag["adj"].to(torch.float32)[None], return_att=True)
+    result = score_bag(
+        load_model(tmp_path / "m.safetensors"), load_bag(bag_file("b", torch.from_numpy(features), coords))
+    )
+    assert np.abs(result.table["attention_logit"].to_numpy() - reference[0].numpy()).max() <= 1e-5
 
 
 def test_origin_matters_for_overlapping_patches():

@@ -36,6 +36,7 @@ def as_numpy(array) -> np.ndarray:
     """A backend array (numpy or torch on any device) as numpy."""
     return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
+
 IN_DIM, ATT_DIM = 24, 8
 ALPHAS = ["trainable", 0.5, 0.9]
 CONFIGS = list(

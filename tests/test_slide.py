@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import openslide
 import pandas as pd
 import pytest
 import tifffile
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 
 from smcli.cli import app
 from smcli.heatmap import PAD, TITLE_H, colour_map, lookup_table, normalize
-from smcli.slide import blend, find_slide, paint
+from smcli.slide import blend, find_slide, paint, read_thumbnail
 
 runner = CliRunner()
 STEP = 64
@@ -91,9 +90,9 @@ def test_overlay_colours_the_footprints_and_keeps_the_slide_elsewhere(tmp_path, 
     assert result.exit_code == 0, result.stderr
     assert result.stderr.strip() == f"smcli: wrote {out}"
 
-    with openslide.OpenSlide(str(slide_path)) as handle:
-        thumb = np.asarray(handle.get_thumbnail((800, 800)).convert("RGB")).astype(np.float64)
-    assert thumb.shape == (600, 800, 3)  # longer side = --max-side, level 0 is 1600 x 1200
+    # longer side = --max-side: level 0 is 1600 x 1200, so the thumbnail is the TIFF's level 1 as written
+    thumb = tifffile.imread(slide_path, key=1).astype(np.float64)
+    assert thumb.shape == (600, 800, 3)
     drawn = map_of(out, thumb.shape).astype(np.float64)
     # no patch outside x in [128, 512), y in [64, 320) of the thumbnail: the slide, untouched
     covered = np.zeros(thumb.shape[:2], dtype=bool)
@@ -125,14 +124,35 @@ def test_alpha_and_patch_size_change_the_footprint(tmp_path, slide):
     row, value = frame.iloc[5], t[5]
     x0, y0 = row.x // 2, row.y // 2
     assert (drawn[y0 : y0 + 16, x0 : x0 + 16] == viridis[round(value * 255)]).all()  # opaque, 16 px
-    with openslide.OpenSlide(str(slide_path)) as handle:
-        thumb = np.asarray(handle.get_thumbnail((800, 800)).convert("RGB"))
+    thumb = tifffile.imread(slide_path, key=1)
     np.testing.assert_array_equal(
         drawn[y0 + 16 : y0 + 32, x0 : x0 + 32], thumb[y0 + 16 : y0 + 32, x0 : x0 + 32]
     )
 
 
-def test_top_patches_are_the_slides_own_pixels(tmp_path, slide):
+def test_a_slide_without_a_pyramid_is_read_in_bands(tmp_path, slide, monkeypatch):
+    """Band by band (bounded memory) gives the same thumbnail as all at once, and is the 2x box mean."""
+    import smcli.slide
+
+    _, pixels = slide
+    flat = write_tiff(tmp_path / "flat.tif", pixels, levels=1)
+    whole = read_thumbnail(flat, 800)
+    monkeypatch.setattr(smcli.slide, "READ_PIXELS", WIDTH * 50)  # 50-row bands: 24 read_region calls
+    banded = read_thumbnail(flat, 800)
+    np.testing.assert_array_equal(banded.pixels, whole.pixels)
+    assert banded.level0_size == (WIDTH, HEIGHT) and banded.scale == (2.0, 2.0)
+    box_mean = pixels.reshape(HEIGHT // 2, 2, WIDTH // 2, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    assert np.abs(banded.pixels - box_mean).max() <= 1  # Pillow's reduce rounds
+
+
+def test_top_patches_are_the_slides_own_pixels(tmp_path, slide, monkeypatch):
+    import smcli.heatmap
+
+    sheets = []
+    draw_sheet = smcli.heatmap.contact_sheet
+    monkeypatch.setattr(
+        smcli.heatmap, "contact_sheet", lambda *args: sheets.append(args) or draw_sheet(*args)
+    )
     slide_path, _ = slide
     frame = patch_table(tmp_path / "a.csv")
     out = tmp_path / "maps"
@@ -148,6 +168,14 @@ def test_top_patches_are_the_slides_own_pixels(tmp_path, slide):
         np.testing.assert_array_equal(crop, level0[row.y : row.y + STEP, row.x : row.x + STEP])
     sheet = Image.open(out / "a_top.png")
     assert sheet.size[0] >= 4 * 100 and "wrote 4 top patches" in result.stderr
+    ((crops, captions, title),) = sheets  # the sheet shows those crops, captioned rank, instance, weight
+    for crop, name in zip(crops, names, strict=True):
+        np.testing.assert_array_equal(crop, np.asarray(Image.open(out / "a_top" / name)))
+    assert captions == [
+        f"#{rank}  instance {row.instance}\nweight {row.attention_weight:.3g}"
+        for rank, row in enumerate(top.itertuples(), 1)
+    ]
+    assert title == "a: top 4 patches by attention_logit (64 px at level 0)"
 
 
 def test_slide_directory_finds_each_bag_and_names_the_one_without(tmp_path, slide):
@@ -301,3 +329,28 @@ def test_blend_leaves_uncovered_pixels_alone():
     assert (out[canvas < 0] == pixels[canvas < 0]).all()
     np.testing.assert_array_equal(out[0, 2], np.rint(0.5 * pixels[0, 2] + 100))
     np.testing.assert_array_equal(out[1, 2], np.rint(0.5 * pixels[1, 2] + 50))
+
+
+def test_drawing_from_a_table_imports_neither_torch_nor_the_scorer(tmp_path, slide):
+    """heatmap (slide, top patches) and geojson from tables stay torch- and model-free (fresh interpreter)."""
+    import subprocess
+
+    slide_path, _ = slide
+    patch_table(tmp_path / "a.csv")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from smcli.heatmap import HeatmapRequest, run_heatmap\n"
+        "from smcli.geojson import GeoJsonRequest, run_geojson\n"
+        f"out, slide = Path({str(tmp_path)!r}), Path({str(slide_path)!r})\n"
+        "table = out / 'a.csv'\n"
+        "request = HeatmapRequest([table], out / 'm.png', slide=slide, max_side=300, top_patches=2)\n"
+        "assert all(not r.error for r in run_heatmap(request))\n"
+        "assert all(not r.error for r in run_geojson(GeoJsonRequest([table], out / 'a.geojson')))\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchmil')]\n"
+        "print(sorted(loaded + [m for m in ('smcli.model', 'smcli.scoring') if m in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert (tmp_path / "m.png").exists() and (tmp_path / "a.geojson").exists()

@@ -19,6 +19,7 @@ dependency (`pip install 'smcli[h5]'`), imported only when an HDF5 file is met.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,20 @@ def dataset_names(handle) -> list[str]:
 
 
 def claims(path: Path) -> bool:
-    """True if the file starts with the HDF5 signature (content, not extension, decides)."""
+    """True if the file starts with the HDF5 signature (content, not extension, decides).
+
+    Opened non-blocking: a FIFO or terminal given by mistake answers False instead of hanging.
+    """
     try:
-        with open(path, "rb") as handle:
-            return handle.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError):
+        return False
+    try:
+        return os.read(fd, len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def peek_bag_id(path: Path) -> str | None:
@@ -75,11 +84,11 @@ def read(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Raw
             fallbacks = STAMP_FEATURES if keys.features == BagKeys().features else ()
             features_name = _pick(path, names, (keys.features, *fallbacks))
             coords_name = _pick(path, names, (keys.coords,))
-            features = _read(handle[features_name])
-            coords = _read(handle[coords_name])
-            labels = _read(handle[keys.labels]) if with_labels and keys.labels in names else None
-            root_attrs = dict(handle.attrs)
-            coords_attrs = dict(handle[coords_name].attrs)
+            features = _read(handle[features_name], path)
+            coords = _read(handle[coords_name], path)
+            labels = _read(handle[keys.labels], path) if with_labels and keys.labels in names else None
+            root_attrs = _read_attrs(path, handle, "", ROOT_ATTRS)
+            coords_attrs = _read_attrs(path, handle[coords_name], f"{coords_name}.", COORDS_ATTRS)
     except BagError:
         raise
     except PermissionError:
@@ -107,14 +116,34 @@ def read(path: Path, keys: BagKeys = BagKeys(), with_labels: bool = True) -> Raw
     )
 
 
+ROOT_ATTRS = ("unit", "tile_size_um")  # the only attributes format detection reads
+COORDS_ATTRS = ("patch_size_level0", "tile_size_um")
+
+
+def _read_attrs(path: Path, obj, prefix: str, names: tuple[str, ...]) -> dict:
+    """The named attributes of an h5 object that it has; one unreadable is that bag's error."""
+    found = {}
+    for name in names:
+        try:
+            if name in obj.attrs:
+                found[name] = obj.attrs[name]
+        except Exception as err:  # h5py raises OSError, TypeError, ValueError... for odd types
+            what = f"attribute {prefix}attrs[{name!r}]"
+            raise _fail(path, f"{what} cannot be read ({type(err).__name__})") from None
+    return found
+
+
 def detect_format(features_name: str, coords_name: str, root_attrs: dict, coords_attrs: dict) -> str:
-    """'stamp', 'trident', 'clam' or 'h5', from the dataset names and attributes the tools write."""
+    """'stamp', 'trident', 'clam' or 'h5', from the dataset names and attributes the tools write.
+
+    Attributes of any type are accepted: only a string `unit` equal to 'um' counts as one.
+    """
     unit = _attr_value(root_attrs.get("unit", ""))
     if (
         features_name in STAMP_FEATURES
         or "tile_size_um" in root_attrs
         or "tile_size_um" in coords_attrs
-        or unit == "um"
+        or (isinstance(unit, str) and unit == "um")
     ):
         return "stamp"
     if "patch_size_level0" in coords_attrs:
@@ -147,8 +176,26 @@ def _pick(path: Path, names: list[str], candidates: tuple[str, ...]) -> str:
     raise _fail(path, f"no {wanted} dataset (keys present: {', '.join(names) or 'none'})")
 
 
-def _read(dataset) -> np.ndarray:
-    """The whole dataset as a native-byte-order numpy array."""
+MAX_EXPANSION = 16  # declared bytes per stored byte: beyond real compression of features or coords
+SMALL_DATASET = 64 << 20  # bytes a dataset may declare whatever it stores (e.g. compressed labels)
+
+
+def _read(dataset, path: Path) -> np.ndarray:
+    """The whole dataset as a native-byte-order numpy array, if its size is believable.
+
+    h5 datasets declare a shape; unwritten chunks read as fill values, so a 2 KB file can declare
+    500k x 1024 floats (2 GB) or 19 GiB. The declared size is compared with the bytes actually
+    stored before anything is read.
+    """
+    declared = int(np.prod(dataset.shape, dtype=np.float64)) * dataset.dtype.itemsize
+    stored = int(dataset.id.get_storage_size())
+    if declared > max(SMALL_DATASET, MAX_EXPANSION * stored):
+        raise _fail(
+            path,
+            f"{dataset.name.lstrip('/')} declares {tuple(dataset.shape)} {dataset.dtype} "
+            f"({declared / 2**30:.3g} GiB) but the file stores {stored:,} bytes of it: "
+            "unwritten or implausibly compressed; refused before reading",
+        )
     array = np.asarray(dataset[()])
     if array.dtype.byteorder not in ("=", "|") and array.dtype.kind in "biuf":
         array = array.astype(array.dtype.newbyteorder("="))
@@ -166,7 +213,10 @@ def _attr_value(value):
     """An h5 attribute as a Python scalar: bytes decoded, one-element arrays unwrapped."""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except Exception:  # an object numpy cannot hold: left as it is, compared as it is
+        return value
     if array.size == 1 and array.dtype.kind in "biuf":
         return array.reshape(()).item()
     if array.size == 1 and array.dtype.kind in "SUO":
