@@ -862,3 +862,30 @@ def test_strict_fails_exactly_the_bags_a_normal_run_warns_about(model_path, case
         assert failed == flagged | inferred, (normal.stderr, strict.stderr)
         assert strict.exit_code == (1 if failed else 0)
         assert all("--strict: " in line for line in error_lines(strict.stderr))
+
+
+def test_paths_on_stdin_may_be_any_bytes(tmp_path, model_path):
+    """`find ... | smcli score -`: a name that is not UTF-8 is that input's error, not a crash."""
+    good = write_bag(tmp_path / "good.safetensors", patch_size=PATCH)
+    odd = write_bag(Path(os.fsdecode(bytes(tmp_path) + b"/odd\xff.safetensors")), patch_size=PATCH)
+    stdin = bytes(odd) + b"\n" + bytes(good) + b"\n"
+    result = invoke("score", "-", "-m", model_path, "-o", tmp_path / "out", input=stdin)
+    assert result.exit_code == 1
+    assert error_lines(result.stderr) == [
+        f"error: {tmp_path}/odd\\udcff.safetensors: the file name is not valid UTF-8: rename the file "
+        "(bag ids are UTF-8)"
+    ]
+    assert (tmp_path / "out" / "good.csv").exists()
+
+
+def test_a_bag_id_with_control_characters_is_no_file_name_but_fits_a_table(tmp_path, model_path):
+    bag = write_bag(tmp_path / "a.safetensors", patch_size=PATCH, bag_id="line\nbreak")
+    result = invoke("score", bag, "-m", model_path, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert error_lines(result.stderr) == [
+        f"error: {bag}: bag_id 'line\\nbreak' cannot be used as a file name"
+    ]
+    assert [r["bag_id"] for r in bags_rows(tmp_path / "out" / "_bags.csv")] == ["line\\nbreak"]
+    table = invoke("score", bag, "-m", model_path, "-o", tmp_path / "all.csv")
+    assert table.exit_code == 0
+    assert set(pd.read_csv(tmp_path / "all.csv")["bag_id"]) == {"line\nbreak"}
