@@ -80,6 +80,7 @@ QUICK_SIZES = "1k,5k"
 ALL_CONFIGS = [f"{mode}-{where}" for mode in ("approx", "exact") for where in ("early", "mid", "late")]
 QUICK_CONFIGS = ["approx-early", "approx-late", "exact-mid"]
 WHOLE_PROCESS_CONFIG = "approx-early"  # smcli's and torchmil's defaults
+EXACT_WHOLE_PROCESS_CONFIG = "exact-early"
 WARMUP_PATCHES = 512
 DENSE_COPIES = 3  # N x N float32 matrices alive in torchmil's ExactSm: eye, the system, solve's LU
 
@@ -237,15 +238,21 @@ class StageClock:
         self._last = now
 
 
-def load_bag_file(path: str):
-    """features (float32 torch tensor), coords (numpy) and patch_size of a bag file."""
-    from safetensors import safe_open
+def load_bag_file(path: str, side: str):
+    """features (float32: a torch tensor for torchmil, numpy for smcli), coords (numpy), patch_size."""
+    if side == "torchmil":
+        from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as handle:
-        features = handle.get_tensor("features").float()
-        coords = handle.get_tensor("coords").numpy()
-        patch_size = float(handle.metadata()["patch_size"])
-    return features, coords, patch_size
+        with safe_open(path, framework="pt") as handle:
+            features = handle.get_tensor("features").float()
+            coords = handle.get_tensor("coords").numpy()
+            patch_size = float(handle.metadata()["patch_size"])
+        return features, coords, patch_size
+    from smcli.tensorfile import read_safetensors
+
+    read = read_safetensors(path)
+    features = np.asarray(read.tensors["features"], dtype=np.float32)
+    return features, np.asarray(read.tensors["coords"]), float(read.metadata["patch_size"])
 
 
 def torchmil_runner(spec: dict):
@@ -277,55 +284,68 @@ def torchmil_runner(spec: dict):
 
 
 def smcli_runner(spec: dict):
-    """smcli's module (build_module + the same state dict); returns (run, proj1 weight)."""
-    import torch
-    from safetensors.torch import load_file
-
+    """smcli's model (build_module + the same state dict, numpy on the CPU: no torch import);
+    returns (run, proj1 weight)."""
     from smcli.checkpoint import ModelConfig, PoolConfig, build_module
     from smcli.graph import DEFAULT_DIST_THR, build_adjacency, grid_cells
+    from smcli.model import SmGraph
+    from smcli.tensorfile import read_safetensors
 
     device = spec["device"]
     module = build_module(ModelConfig(PoolConfig(**spec["pool"])))
-    module.load_state_dict(load_file(spec["model"]), strict=True)
-    module = module.to(device).eval()
+    module.load_state_dict(read_safetensors(spec["model"]).tensors, strict=True)
+    module = module.to(device)
 
     def run(features, coords, patch_size, clock):
         adjacency = build_adjacency(grid_cells(coords, patch_size), DEFAULT_DIST_THR)
         clock.mark("graph")
-        adj = adjacency.to_torch(torch.float32, device)
+        graph = SmGraph(adjacency.to_scipy(), module.backend, symmetric=True)
+        graph.matrix(module.backend.xp.float32)  # the backend's sparse matrix, made once
         clock.mark("tensor")
-        logits = module.attention(features, adj).attention_logit
+        logits = module.attention(features, graph).attention_logit
         clock.mark("model")
         return logits
 
-    return run, module.proj1.weight.detach()
+    return run, module.weight("proj1")
 
 
 def time_floor(features, weight, repeats: int, device: str) -> float:
-    """Median time of the unavoidable projection X @ W1.T (float32)."""
-    import torch
-
+    """Median time of the unavoidable projection X @ W1.T (float32), on the side's own arrays."""
     times = []
     for _ in range(repeats):
         synchronize(device)
         started = time.perf_counter()
-        torch.mm(features, weight.T)
+        features @ weight.T
         synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def task_measure(spec: dict) -> dict:
-    """Run one side --repeats times on one bag, after an untimed warm-up on its first patches."""
-    import torch
+def as_numpy(array) -> np.ndarray:
+    """numpy, or a torch tensor on any device, as a float32 numpy array."""
+    if hasattr(array, "detach"):
+        array = array.detach().float().cpu().numpy()
+    return np.asarray(array, dtype=np.float32)
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+
+def task_measure(spec: dict) -> dict:
+    """Run one side --repeats times on one bag, after an untimed warm-up on its first patches.
+
+    The smcli side on the CPU never imports torch (its RSS and start-up are numpy's).
+    """
     device = spec["device"]
+    uses_torch = spec["side"] == "torchmil" or device != "cpu"
+    if uses_torch:
+        import torch
+
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
     make_runner = torchmil_runner if spec["side"] == "torchmil" else smcli_runner
     run, weight = make_runner(spec)  # imports and the model come before the bag
-    features, coords, patch_size = load_bag_file(spec["bag"])
-    features = features.to(device)
+    features, coords, patch_size = load_bag_file(spec["bag"], spec["side"])
+    if device != "cpu":
+        features = torch.from_numpy(features).to(device)
+        weight = torch.from_numpy(weight).to(device)
     synchronize(device)
     rss_loaded = peak_rss_mib()
     run(features[:WARMUP_PATCHES], coords[:WARMUP_PATCHES], patch_size, StageClock(device))
@@ -333,10 +353,10 @@ def task_measure(spec: dict) -> dict:
     runs, logits = [], None
     for _ in range(spec["repeats"]):
         clock = StageClock(device)
-        logits = run(features, coords, patch_size, clock).detach().float().cpu()
+        logits = as_numpy(run(features, coords, patch_size, clock))
         runs.append(clock.stages)
     rss_peak = peak_rss_mib()
-    np.save(spec["logits_out"], logits.numpy())
+    np.save(spec["logits_out"], logits)
 
     result = {
         "total": statistics.median(sum(stages.values()) for stages in runs),
@@ -347,7 +367,33 @@ def task_measure(spec: dict) -> dict:
     if device.startswith("cuda"):
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if spec.get("floor") and weight is not None:
-        result["floor"] = time_floor(features, weight.to(device), spec["repeats"], device)
+        result["floor"] = time_floor(features, weight, spec["repeats"], device)
+    return result
+
+
+def task_sparse(spec: dict) -> dict:
+    """smcli's CPU sparse product (scipy's CSR kernel, in place) on one thread against its rows split
+    over 2 threads (scipy's kernels release the GIL): does threading pay for Sm's product at the
+    largest N (att_dim + 1 = 129 float32 columns)?"""
+    from smcli.backends.cpu import CpuBackend
+    from smcli.graph import DEFAULT_DIST_THR, build_adjacency
+
+    cells = tissue_cells(spec["n"], spec["seed"])
+    host = build_adjacency(cells, DEFAULT_DIST_THR).to_scipy()
+    n, columns = host.shape[0], ATT_DIM + 1
+    x = np.random.default_rng(0).standard_normal((n, columns)).astype(np.float32)
+    out = np.empty_like(x)
+    result = {"n": n, "columns": columns, "nnz": int(host.nnz)}
+    for name, threads in (("one_thread", 1), ("two_threads", 2)):
+        backend = CpuBackend(threads=threads)
+        matrix = backend.sparse(host, np.float32)
+        backend.addmm(x, matrix, x, beta=0.5, alpha=0.5, out=out)
+        times = []
+        for _ in range(max(5, spec["repeats"])):
+            started = time.perf_counter()
+            backend.addmm(x, matrix, x, beta=0.5, alpha=0.5, out=out)
+            times.append(time.perf_counter() - started)
+        result[name] = statistics.median(times)
     return result
 
 
@@ -359,7 +405,7 @@ def task_prepare(spec: dict) -> dict:
     return {"info": info, "models": models}
 
 
-TASKS = {"prepare": task_prepare, "measure": task_measure}
+TASKS = {"prepare": task_prepare, "measure": task_measure, "sparse": task_sparse}
 
 
 # ============================================================================================
@@ -524,16 +570,25 @@ class WholeProcess:
     torchmil_s: float | None = None
     torchmil_rss: float | None = None
     max_delta: float | None = None
+    exact_s: float | None = None
+    exact_rss: float | None = None
 
 
 def measure_whole_process(n: int, bag: Path, models: dict[str, str], args, workdir: Path) -> WholeProcess:
-    """`smcli score BAG` against the torchmil script, median wall time over --repeats."""
+    """`smcli score BAG` against the torchmil script, median wall time over --repeats; smcli's exact
+    mode too (torchmil's dense exact solve cannot run at this N)."""
     smcli_csv, torchmil_csv = workdir / "smcli.csv", workdir / "torchmil.csv"
-    smcli_cmd = smcli_command() + ["score", str(bag), "-m", models[WHOLE_PROCESS_CONFIG],
-                                   "-o", str(smcli_csv), "--device", args.device]
-    runs = [timed_process(smcli_cmd, workdir, smcli_csv) for _ in range(args.repeats)]
-    result = WholeProcess(n, statistics.median(w for w, _ in runs), max(r for _, r in runs))
-    log(f"whole process N={n}: smcli {result.smcli_s:.2f} s")
+
+    def smcli_run(config: str) -> tuple[float, float]:
+        command = smcli_command() + ["score", str(bag), "-m", models[config], "-o", str(smcli_csv),
+                                     "--device", args.device]
+        runs = [timed_process(command, workdir, smcli_csv) for _ in range(args.repeats)]
+        return statistics.median(w for w, _ in runs), max(r for _, r in runs)
+
+    result = WholeProcess(n, *smcli_run(EXACT_WHOLE_PROCESS_CONFIG))
+    result.exact_s, result.exact_rss = result.smcli_s, result.smcli_rss
+    result.smcli_s, result.smcli_rss = smcli_run(WHOLE_PROCESS_CONFIG)
+    log(f"whole process N={n}: smcli {result.smcli_s:.2f} s, exact {result.exact_s:.2f} s")
     if args.device != "cpu":
         return result
 
@@ -549,6 +604,131 @@ def measure_whole_process(n: int, bag: Path, models: dict[str, str], args, workd
         result.max_delta = float(np.max(np.abs(ours - theirs)))
     log(f"whole process N={n}: torchmil {result.torchmil_s:.2f} s")
     return result
+
+
+# --- start-up: what one invocation costs before any math --------------------------------------
+
+
+@dataclass
+class StartupRow:
+    label: str
+    wall_s: float  # median whole-process wall time
+    rss_mib: float
+    import_s: float  # time in imports (-X importtime, top-level cumulative, one run)
+    torch: bool  # whether the process imported torch
+
+
+def import_profile(arguments: list[str], workdir: Path) -> tuple[float, bool]:
+    """Seconds spent importing (sum of the top-level cumulative times of `python -X importtime`)
+    and whether torch was among the imports, for `python ARGUMENTS`."""
+    done = subprocess.run([sys.executable, "-X", "importtime", *arguments], capture_output=True,
+                          text=True, cwd=workdir)
+    total_us, torch_seen = 0, False
+    for line in done.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if not line.startswith("import time:") or len(parts) != 3 or not parts[1].strip().isdigit():
+            continue
+        name = parts[2]
+        torch_seen = torch_seen or name.strip() == "torch"
+        if len(name) - len(name.lstrip()) == 1:  # one space: a top-level import (nested ones indent)
+            total_us += int(parts[1])
+    return total_us / 1e6, torch_seen
+
+
+def measure_startup(bag: Path, models: dict[str, str], args, workdir: Path) -> list[StartupRow]:
+    """Whole-process wall time, import time and RSS of each command on one small bag."""
+    out_csv, out_png = workdir / "startup.csv", workdir / "startup.png"
+    model = models[WHOLE_PROCESS_CONFIG]
+    score = ["score", str(bag), "-m", model, "-o", str(out_csv)]
+    cases = [
+        ("python -c pass", ["-c", "pass"], None),
+        ("python -c 'import torch'", ["-c", "import torch"], None),
+        ("smcli --help", ["--help"], "smcli"),
+        ("smcli inspect BAG", ["inspect", str(bag)], "smcli"),
+        ("smcli score BAG --device cpu", [*score, "--device", "cpu"], "smcli"),
+        ("smcli score BAG (--device auto)", score, "smcli"),
+        ("smcli heatmap BAG -m MODEL", ["heatmap", str(bag), "-m", model, "-o", str(out_png)], "smcli"),
+    ]
+    if args.device != "cpu":
+        cases.append(("smcli score BAG --device " + args.device, [*score, "--device", args.device], "smcli"))
+    rows = []
+    for label, arguments, program in cases:
+        wall_command = smcli_command() + arguments if program else [sys.executable, *arguments]
+        output = out_png if "heatmap" in label else out_csv
+        try:
+            runs = [timed_process(wall_command, workdir, output) for _ in range(args.repeats)]
+        except RuntimeError as err:  # e.g. heatmap without its extra: say so, measure the rest
+            log(f"start-up {label}: skipped ({str(err).splitlines()[-1][:120]})")
+            continue
+        import_s, torch_seen = import_profile(["-m", "smcli", *arguments] if program else arguments, workdir)
+        rows.append(StartupRow(label, statistics.median(w for w, _ in runs), max(r for _, r in runs),
+                               import_s, torch_seen))
+        log(f"start-up {label}: {rows[-1].wall_s:.2f} s (imports {import_s:.2f} s, torch {torch_seen})")
+    return rows
+
+
+def startup_lines(rows: list[StartupRow], patches: int) -> list[str]:
+    if not rows:
+        return []
+    torch_wall = next((row.wall_s for row in rows if "import torch" in row.label), None)
+    lines = ["", f"Start-up, one process per command, median of its runs (BAG: {patches} patches × {IN_DIM} "
+             "float16):", "",
+             "| command | wall s | imports s | peak RSS MiB | imports torch | wall / `import torch` |",
+             "|---|---:|---:|---:|---|---:|"]
+    for row in rows:
+        ratio = f"{row.wall_s / torch_wall:.2f}" if torch_wall else "—"
+        lines.append(f"| {row.label} | {seconds(row.wall_s)} | {seconds(row.import_s)} | {row.rss_mib:.0f} "
+                     f"| {'yes' if row.torch else 'no'} | {ratio} |")
+    return lines
+
+
+@dataclass
+class LoopResult:
+    bags: int
+    patches: int
+    loop_s: float  # one `smcli score BAG` process per bag, one after the other
+    directory_s: float  # one `smcli score DIR` process for the same bags
+    directory_rss: float
+
+
+def measure_loop(models: dict[str, str], args, workdir: Path) -> LoopResult:
+    """A shell loop of single-bag invocations against one directory run over the same bags."""
+    bags = sorted(batch_dir(workdir).glob("*.safetensors"))[: args.loop_bags]
+    subset, loop_out, dir_out = workdir / "loop-bags", workdir / "loop-out", workdir / "loop-dir-out"
+    subset.mkdir()
+    loop_out.mkdir()
+    for bag in bags:
+        (subset / bag.name).symlink_to(bag)
+    model = models[WHOLE_PROCESS_CONFIG]
+    started = time.perf_counter()
+    for bag in bags:
+        command = smcli_command() + ["score", str(bag), "-m", model, "-o", str(loop_out / f"{bag.stem}.csv"),
+                                     "--device", args.device]
+        subprocess.run(command, check=True, capture_output=True)
+    loop_s = time.perf_counter() - started
+    command = smcli_command() + ["score", str(subset), "-m", model, "-o", str(dir_out),
+                                 "--device", args.device]
+    directory_s, rss = timed_process(command, workdir, dir_out)
+    log(f"loop of {len(bags)}: {loop_s:.1f} s; one directory run: {directory_s:.1f} s")
+    for path in (subset, loop_out, dir_out):
+        shutil.rmtree(path)
+    return LoopResult(len(bags), args.batch_patches, loop_s, directory_s, rss)
+
+
+def loop_line(result: LoopResult) -> str:
+    return (f"- {result.bags} bags × {result.patches} patches: a loop of single-bag `smcli score BAG` "
+            f"processes {seconds(result.loop_s)} s ({seconds(result.loop_s / result.bags)} s per bag); "
+            f"one `smcli score DIR` {seconds(result.directory_s)} s "
+            f"({seconds(result.directory_s / result.bags)} s per bag, "
+            f"peak RSS {result.directory_rss:.0f} MiB)")
+
+
+def sparse_line(result: dict) -> str:
+    gain = result["one_thread"] / result["two_threads"]
+    return (f"- Sm's sparse step g = b·f + a·A·g at N={result['n']} ({result['nnz']} non-zeros × "
+            f"{result['columns']} float32 columns, scipy's CSR kernel, in place): one thread "
+            f"{seconds(result['one_thread'] * 1000)} ms, rows split over 2 threads "
+            f"{seconds(result['two_threads'] * 1000)} ms ({gain:.2f}×)")
 
 
 @dataclass
@@ -685,6 +865,10 @@ def whole_process_line(result: WholeProcess) -> str:
                  f"(peak RSS {result.torchmil_rss:.0f} MiB); ratio {result.torchmil_s / result.smcli_s:.1f}×")
         if result.max_delta is not None:
             line += f"; max abs Δ logit between the CSVs {result.max_delta:.2e}"
+    if result.exact_s is not None:
+        line += (f"\n- whole process N={result.n} ({EXACT_WHOLE_PROCESS_CONFIG}): smcli score "
+                 f"{seconds(result.exact_s)} s (peak RSS {result.exact_rss:.0f} MiB); torchmil cannot "
+                 f"(dense N×N solve)")
     return line
 
 
@@ -695,7 +879,7 @@ def batch_line(result: BatchResult) -> str:
             f"{seconds(result.scoring_s)} s; peak RSS {result.rss_mib:.0f} MiB)")
 
 
-def print_report(args, info: dict, load_before: float, rows, whole, batch) -> None:
+def print_report(args, info: dict, load_before: float, rows, whole, batch, extras=None) -> None:
     lines = [
         machine_line(info),
         f"load average (1 min) at start / end: {load_before:.2f} / {os.getloadavg()[0]:.2f} on "
@@ -718,6 +902,12 @@ def print_report(args, info: dict, load_before: float, rows, whole, batch) -> No
         lines.append(whole_process_line(whole))
     if batch is not None:
         lines.append(batch_line(batch))
+    extras = extras or {}
+    if extras.get("loop") is not None:
+        lines.append(loop_line(extras["loop"]))
+    if extras.get("sparse") is not None:
+        lines.append(sparse_line(extras["sparse"]))
+    lines += startup_lines(extras.get("startup") or [], args.batch_patches)
     print("\n".join(lines), flush=True)
 
 
@@ -753,6 +943,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="patches per batch bag (default 2000)")
     parser.add_argument("--no-whole-process", action="store_true",
                         help="skip the whole-process comparison")
+    parser.add_argument("--loop-bags", type=int, default=None,
+                        help="single-bag invocations in the loop-vs-directory test "
+                             "(default 200; --quick: 10; 0 skips it; at most --batch-bags)")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up rows")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default) or cuda[:N]: smcli only, torchmil skipped")
     parser.add_argument("--threads", type=int, default=None,
@@ -774,6 +968,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats = 1 if args.quick else 3
     if args.batch_bags is None:
         args.batch_bags = 20 if args.quick else 500
+    if args.loop_bags is None:
+        args.loop_bags = 10 if args.quick else 200
+    args.loop_bags = min(args.loop_bags, args.batch_bags)
     return args
 
 
@@ -805,7 +1002,8 @@ def run_benchmark(args) -> None:
         log(f"writing models and bags to {workdir}")
         prepared = run_task({
             "task": "prepare", "device": args.device, "threads": args.threads, "dir": str(workdir),
-            "configs": sorted(set(args.configs) | {WHOLE_PROCESS_CONFIG}), "seed": args.seed,
+            "configs": sorted(set(args.configs) | {WHOLE_PROCESS_CONFIG, EXACT_WHOLE_PROCESS_CONFIG}),
+            "seed": args.seed,
             "bags": bag_specs(args, workdir),
         })
         info, models = prepared["info"], prepared["models"]
@@ -819,8 +1017,17 @@ def run_benchmark(args) -> None:
         if not args.no_whole_process:
             largest = args.sizes[-1]
             whole = measure_whole_process(largest, bag_path(workdir, largest), models, args, workdir)
+        extras: dict = {}
+        if args.batch_bags > 0 and not args.no_startup:
+            first_bag = sorted(batch_dir(workdir).glob("*.safetensors"))[0]
+            extras["startup"] = measure_startup(first_bag, models, args, workdir)
+        if args.loop_bags > 0:
+            extras["loop"] = measure_loop(models, args, workdir)
+        if args.device == "cpu":
+            extras["sparse"] = run_task({"task": "sparse", "n": args.sizes[-1], "seed": args.seed,
+                                         "repeats": args.repeats})
         batch = measure_batch(models, args, workdir) if args.batch_bags > 0 else None
-        print_report(args, info, load_before, rows, whole, batch)
+        print_report(args, info, load_before, rows, whole, batch, extras)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     log(f"done in {time.perf_counter() - started:.0f} s")

@@ -34,7 +34,10 @@ class Backend(Protocol):
         """scipy.sparse CSR matrix (host) -> the backend's sparse matrix in dtype."""
 
     def addmm(self, base: Any, adj: Any, x: Any, beta: float, alpha: float, out: Any = None) -> Any:
-        """out = beta * base + alpha * (adj @ x); base, x, out: (N, C) dense, adj: (N, N) sparse."""
+        """out = beta * base + alpha * (adj @ x); base, x, out: (N, C) dense, adj: (N, N) sparse.
+
+        out may be base itself (accumulate in place), never x.
+        """
 
     def axpy(self, y: Any, x: Any, alpha: float) -> None:
         """y += alpha * x in place (no temporary of y's size)."""

@@ -46,6 +46,8 @@ class TorchBackend:
     def addmm(self, base, adj, x, beta: float, alpha: float, out=None):
         if out is None:
             return self.torch.addmm(base, adj, x, beta=beta, alpha=alpha)
+        if out is base:
+            return out.addmm_(adj, x, beta=beta, alpha=alpha)
         return self.torch.addmm(base, adj, x, beta=beta, alpha=alpha, out=out)
 
     def axpy(self, y, x, alpha: float) -> None:
