@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smcli.errors import BagError
+from smcli.errors import BagError, UsageError
 from smcli.graph import infer_patch_step
 from smcli.numeric import FLOAT32_MAX, scan_rows
 from smcli.readers import BagKeys, RawBag, reader_for
@@ -77,7 +77,11 @@ def find_bags(inputs: list[Path]) -> list[Path]:
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found.extend(sorted(p for p in item.iterdir() if p.suffix in BAG_SUFFIXES and p.is_file()))
+            try:
+                found.extend(sorted(p for p in item.iterdir() if p.suffix in BAG_SUFFIXES and p.is_file()))
+            except OSError as err:  # an input directory that cannot be listed: a usage problem
+                reason = err.strerror or type(err).__name__
+                raise UsageError(f"{item}: cannot list the directory ({reason})") from None
         else:
             found.append(item)
     return found

@@ -187,9 +187,12 @@ def score(
 def _expand_stdin(inputs: list[Path]) -> list[Path]:
     """'-' stands for the paths on stdin, one per line (e.g. from `find`)."""
     expanded: list[Path] = []
+    import os
+
     for item in inputs:
-        if str(item) == "-":
-            expanded.extend(Path(line.strip()) for line in sys.stdin if line.strip())
+        if str(item) == "-":  # bytes, decoded as the OS does file names: any name can arrive
+            raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else os.fsencode(sys.stdin.read())
+            expanded.extend(Path(os.fsdecode(line.strip())) for line in raw.split(b"\n") if line.strip())
         else:
             expanded.append(item)
     return expanded

@@ -45,9 +45,11 @@ def _umask() -> int:
 
 
 def safe_bag_id(bag_id: str) -> bool:
-    """A bag id usable as a file name inside the output directory."""
+    """A bag id usable as a file name inside the output directory (no control characters either:
+    a file name with a line break breaks every script that lists the directory)."""
     return (
         bool(bag_id)
+        and bag_id.isprintable()
         and len(bag_id.encode("utf-8", "surrogateescape")) <= MAX_BAG_ID_BYTES
         and bag_id not in (".", "..")
         and not bag_id.startswith("_bags")
