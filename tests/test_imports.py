@@ -89,20 +89,21 @@ def test_auto_device_without_an_nvidia_driver_never_imports_torch(files):
     assert report["code"] == 0 and not report["torch"]
 
 
-def test_inspect_heatmap_and_convert_bag_never_import_torch(files):
+def test_inspect_heatmap_geojson_and_convert_bag_never_import_torch(files):
     root = files["root"]
     for args in (
         ("inspect", files["bag"], files["model"]),
         ("inspect", files["bag"], "-m", files["model"], "--json"),
         ("heatmap", files["bag"], "-m", files["model"], "-o", root / "map.png"),
+        ("geojson", files["bag"], "-m", files["model"], "-o", root / "tiles.geojson"),
         ("convert-bag", files["bag"], "-o", root / "copy.safetensors", "--overwrite"),
     ):
         report = probe(*args, cwd=root)
         assert report["code"] == 0 and not report["torch"], args
 
 
-def test_help_imports_neither_numpy_nor_torch(files):
-    for args in (("--help",), ("score", "--help"), ()):
+def test_help_and_version_import_neither_numpy_nor_torch(files):
+    for args in (("--help",), ("--version",), ("score", "--help"), ()):
         report = probe(*args, cwd=files["root"])
         assert not report["torch"] and not report["numpy"], args
 
