@@ -263,6 +263,56 @@ def test_a_fifo_input_neither_blocks_the_run_nor_the_signal_handlers(tmp_path, m
     assert (tmp_path / "out" / "zz_good.csv").exists()
 
 
+def test_sigterm_ends_a_run_whose_reader_is_stuck_in_the_kernel(tmp_path, model_path):
+    """A read that never returns (a hung network mount; here a read that waits forever) must not
+    keep SIGTERM from ending the run: exit 143, summary line, the bag before it written."""
+    import signal
+    import time
+
+    write_bag(tmp_path / "bags" / "a_good.safetensors", patch_size=PATCH)
+    write_bag(tmp_path / "bags" / "b_stuck.safetensors", patch_size=PATCH)
+    probe = (
+        "import sys, threading\n"
+        "import smcli.scoring as scoring\n"
+        "real = scoring.load_bag\n"
+        "def load_bag(path, *args, **kwargs):\n"
+        "    if 'stuck' in str(path):\n"
+        "        print('stuck', file=sys.stderr, flush=True)\n"
+        "        threading.Event().wait()  # never returns\n"
+        "    return real(path, *args, **kwargs)\n"
+        "scoring.load_bag = load_bag\n"
+        "from smcli.cli import main\n"
+        "sys.argv = ['smcli', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            probe,
+            "score",
+            str(tmp_path / "bags"),
+            "-m",
+            str(model_path),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr.readline() == "stuck\n"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("SIGTERM did not end the run: the stuck reader thread was joined")
+    assert proc.returncode == 143, stderr
+    assert "interrupted by SIGTERM" in stderr.splitlines()[-1] and "Traceback" not in stderr
+    assert (tmp_path / "out" / "a_good.csv").exists()
+
+
 # ------------------------------- §2 (a) + §5: resume, rows kept, outputs verified, stale temporaries
 
 
@@ -811,7 +861,8 @@ def test_version_prints_without_importing_numpy_or_torch():
     from smcli import __version__
 
     assert out.stdout.splitlines() == [f"smcli {__version__}", "0 False False"], out.stderr
-    installed = subprocess.run(["smcli", "--version"], capture_output=True, text=True, timeout=60)
+    script = Path(sys.executable).parent / "smcli"  # the console script pip installed beside python
+    installed = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert installed.returncode == 0 and installed.stdout == f"smcli {__version__}\n"
 
 
