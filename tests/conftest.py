@@ -20,15 +20,18 @@ def tricky_coords(seed: int = 0) -> np.ndarray:
     return coords[rng.permutation(len(coords))]
 
 
-def torchmil_adjacency(coords: np.ndarray, patch_size: float, dist_thr: float = 2**0.5) -> torch.Tensor:
-    """torchmil 1.0.2's sparse normalized adjacency, built as its WSI datasets do (float32)."""
+def torchmil_adjacency(
+    coords: np.ndarray, patch_size: float, dist_thr: float = 2**0.5, normalize: bool = True
+) -> torch.Tensor:
+    """torchmil 1.0.2's sparse adjacency, built as its WSI datasets do (float32): normalized, or the
+    raw binary one (norm_adj=False)."""
     from torchmil.utils import add_self_loops, build_adj, normalize_adj
 
     cells = coords / patch_size
     cells = (cells - cells.min(axis=0)).astype(int)
     n = len(coords)
     edge_index, edge_weight = build_adj(cells, None, dist_thr=dist_thr)
-    weight = normalize_adj(edge_index, edge_weight, n_nodes=n)
+    weight = normalize_adj(edge_index, edge_weight, n_nodes=n) if normalize else edge_weight
     if n == 1:
         edge_index, weight = add_self_loops(edge_index, weight, n)
     adj = torch.sparse_coo_tensor(edge_index, weight, (n, n), check_invariants=True)

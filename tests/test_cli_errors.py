@@ -54,13 +54,14 @@ def test_a_directory_without_bags_is_a_usage_error(tmp_path):
     assert f"no bags found in {empty}" in result.stderr
 
 
-def test_an_indefinite_exact_system_fails_the_bag_with_its_reason(tmp_path, bag):
+def test_an_indefinite_exact_system_is_solved_and_a_singular_one_fails_the_bag(tmp_path, bag, bag_file):
     result = invoke(bag, "-m", model_file(tmp_path, "exact", coef=-0.7), "-o", tmp_path / "out")
-    assert result.exit_code == 1
-    assert result.stderr.splitlines()[0] == (
-        f"error: {bag}: exact Sm with coef -0.7: (1 + coef) I - coef A is not provably positive definite "
-        "(the adjacency's eigenvalues are bounded by 1; a normalized graph has 1)"
-    )
+    assert result.exit_code == 0, result.stderr  # 0.3 I + 0.7 A: indefinite, solved by sparse LU
+    pair = bag_file("pair", torch.randn(2, 8), np.array([[0, 0], [PATCH, 0]]), patch_size=PATCH)
+    result = invoke(pair, "-m", model_file(tmp_path, "exact", coef=-0.5), "-o", tmp_path / "out2")
+    assert result.exit_code == 1  # two neighbours: A has eigenvalue -1, so 0.5 I + 0.5 A is singular
+    reason = "exact Sm with coef -0.5: (1 + coef) I - coef A is singular"
+    assert result.stderr.splitlines()[0] == f"error: {pair}: {reason}"
 
 
 def test_a_patch_step_far_too_large_fails_the_bag_not_the_machine(tmp_path, bag_file):

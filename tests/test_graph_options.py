@@ -12,11 +12,13 @@ import torch
 from torchmil.datasets import CAMELYON16MILDataset, PANDAMILDataset, ProcessedMILDataset, TridentWSIDataset
 from torchmil.nn import SmAttentionPool as TorchmilPool
 from torchmil.utils import build_adj, normalize_adj
+from typer.testing import CliRunner
 
 import smcli
 from smcli.bags import load_bag
 from smcli.checkpoint import load_model
-from smcli.errors import BagError, ModelError
+from smcli.cli import app
+from smcli.errors import ModelError
 from smcli.graph import (
     GraphOptions,
     build_adjacency_with,
@@ -109,8 +111,8 @@ def test_exported_graph_options_score_like_torchmil_datasets(
     torch.manual_seed(0)
     model = TorchmilPool(IN_DIM, 6, "tanh", mode, "trainable", 10, where, True).eval()
     with torch.no_grad():
-        # exact on a raw adjacency: (1 + coef) I - coef A is positive definite only for small coef
-        model.sm.sm.coef.fill_(0.1 if mode == "exact" and not norm_adj else 1.7)
+        # exact on a raw adjacency: (1 + coef) I - coef A is indefinite (not provably SPD), solved by LU
+        model.sm.sm.coef.fill_(1.7)
     out = tmp_path / "m.safetensors"
     config = smcli.export_torchmil(model, out, dataset=dataset)
     assert config.graph == GraphOptions(
@@ -134,18 +136,29 @@ def test_exported_graph_options_score_like_torchmil_datasets(
 
 
 @pytest.mark.parametrize("with_dist", [False, True])
-def test_exact_on_a_raw_adjacency_is_refused_where_not_provably_solvable(tmp_path, bag_file, with_dist):
-    """coef 1.7 on an unnormalized graph: (1 + coef) I - coef A may be indefinite; a bag error, no number."""
+def test_exact_on_a_raw_adjacency_scores_through_the_cli_like_torchmil(tmp_path, bag_file, with_dist):
+    """coef 1.7 on an unnormalized graph: (1 + coef) I - coef A is indefinite. Refused (exit 1) before
+    the sparse-LU path; now `smcli score` exits 0 with torchmil's numbers."""
     coords = jittered_coords(7)
     features = np.random.default_rng(7).standard_normal((len(coords), IN_DIM)).astype(np.float32)
     dataset = trident(tmp_path / "data", features, coords, norm_adj=False, adj_with_dist=with_dist)
+    torch.manual_seed(1)
     model = TorchmilPool(IN_DIM, 6, "tanh", "exact", "trainable", 10, "mid", True).eval()
     with torch.no_grad():
         model.sm.sm.coef.fill_(1.7)
     smcli.export_torchmil(model, tmp_path / "m.safetensors", dataset=dataset)
-    bag = load_bag(bag_file("b", torch.from_numpy(features), coords))
-    with pytest.raises(BagError, match="not provably positive definite"):
-        score_bag(load_model(tmp_path / "m.safetensors"), bag)
+    bag = dataset[0]
+    with torch.no_grad():
+        _, reference = model(bag["X"][None], bag["adj"].to(torch.float32).to_dense()[None], return_att=True)
+    path = bag_file("b", torch.from_numpy(features), coords)
+    out = tmp_path / "scores.csv"
+    arguments = ["score", str(path), "-m", str(tmp_path / "m.safetensors"), "-o", str(out)]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.stderr
+    with open(out, newline="") as handle:
+        logits = np.array([float(row["attention_logit"]) for row in csv.DictReader(handle)])
+    expected = reference[0].numpy()
+    assert np.abs(logits - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))
 
 
 def test_panda_dataset_grids_like_camelyon16(tmp_path, bag_file):
