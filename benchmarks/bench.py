@@ -23,8 +23,9 @@ What is measured:
       Exact mode gets the same sparse adjacency: torchmil's ExactSm itself builds the dense N x N
       system `(1 + coef) I - coef A` and calls `torch.linalg.solve`, so it only runs up to
       --torchmil-exact-max-n (default 10k).
-    - smcli: `grid_cells` + `build_adjacency` + `Adjacency.to_torch(float32)` + `module.attention`,
-      the module made by `smcli.checkpoint.build_module` and loaded with the torchmil state dict.
+    - smcli: `grid_cells` + `build_adjacency` + the backend's sparse matrix + `module.attention`,
+      the model made by `smcli.checkpoint.build_module` and loaded with the torchmil state dict
+      (numpy + scipy.sparse on the CPU: that child never imports torch).
   Each side runs in a fresh child process (this script with a hidden flag) that reads the bag file,
   warms up on its first 512 patches (untimed), then runs the pipeline --repeats times. Peak RSS is
   the child's high-water mark at the end (`VmHWM`; `getrusage(RUSAGE_SELF).ru_maxrss` where /proc
@@ -37,7 +38,14 @@ What is measured:
   build_adjacency (the "graph" stage of the pipeline runs above, median over all of them).
 * Whole process at the largest N, default config (approx, early): `smcli score BAG -m MODEL -o
   out.csv` against an equivalent torchmil script (load the bag, build the graph, forward, write the
-  same CSV with pandas), both as subprocesses, median wall time including start-up and imports.
+  same CSV with pandas), both as subprocesses, median wall time including start-up and imports;
+  and smcli's exact-early (torchmil's dense exact solve cannot run there).
+* Start-up: each command (`--help`, `inspect`, `score --device cpu|auto`, `heatmap`) on one
+  2,000-patch bag as a whole process, against `python -c "import torch"` and `python -c pass`:
+  median wall time, peak RSS, the time in imports (`python -X importtime`) and whether torch was
+  imported. Then a shell loop of --loop-bags single-bag `smcli score BAG` processes against one
+  `smcli score DIR` over the same bags.
+* Threads: smcli's sparse step at the largest N on one thread against its rows split over two.
 * Batch: --batch-bags bags x --batch-patches patches x 1024 float16 features in one directory,
   `smcli score DIR -m MODEL -o OUTDIR`, as bags per second (the files are written at the start
   of the run and are normally still in the page cache: this measures smcli, not the disk).
@@ -831,7 +839,7 @@ def graph_lines(rows: list[Row]) -> list[str]:
         ours = median_stage([row.smcli for row in at_n], "graph")
         ours_tensor = median_stage([row.smcli for row in at_n], "tensor")
         line = (f"- graph build N={n}: smcli grid_cells+build_adjacency {seconds(ours)} s "
-                f"(then to_torch {seconds(ours_tensor)} s)")
+                f"(then the backend's sparse matrix {seconds(ours_tensor)} s)")
         theirs = [row.torchmil for row in at_n if row.torchmil is not None]
         if theirs:
             graph, tensor = median_stage(theirs, "graph"), median_stage(theirs, "tensor")

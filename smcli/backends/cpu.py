@@ -45,6 +45,18 @@ def array_namespace():
     return array_api_compat.numpy
 
 
+_POOLS: dict[int, Any] = {}
+
+
+def shared_pool(threads: int):
+    """One thread pool per size for the whole process (backends are cheap and made often)."""
+    if threads not in _POOLS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="smcli-csr")
+    return _POOLS[threads]
+
+
 class RowBlocks:
     """A CSR matrix and its rows cut into contiguous blocks of about equal non-zeros, one per thread.
 
@@ -79,7 +91,6 @@ class CpuBackend:
     def __init__(self, threads: int | None = None) -> None:
         self.xp = array_namespace()
         self.threads = thread_count() if threads is None else threads
-        self._pool: Any = None
 
     def asarray(self, array: Any) -> np.ndarray:
         return np.asarray(array)
@@ -143,11 +154,7 @@ class CpuBackend:
         return out
 
     def pool(self):
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="smcli-csr")
-        return self._pool
+        return shared_pool(self.threads)
 
     def axpy(self, y, x, alpha: float) -> None:
         from scipy.linalg.blas import get_blas_funcs
