@@ -129,6 +129,7 @@ def run_score(
     model = load_model(request.model, device)
     sink = open_sink(request)
     sink.model_config_json = model.config.to_json()
+    sink.model_sha256 = model.sha256
     options = replace(request.options, device=device)
     summary = RunSummary(total=len(paths))
     start(len(paths))

@@ -218,8 +218,8 @@ def file_sha256(path: Path) -> str:
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     """Read an smcli checkpoint (.safetensors) and build the model it describes, on `device`."""
     path = Path(path)
-    if not path.is_file():
-        raise _fail(path, "no such model file")
+    if not path.is_file():  # never opened otherwise: a FIFO given as -m would block the run
+        raise _fail(path, "not a regular file" if path.exists() else "no such model file")
     from safetensors import SafetensorError
 
     from smcli.tensorfile import read_safetensors

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from smcli.errors import OutputError
 from smcli.interrupts import GUARD
 
 MAX_BAG_ID_BYTES = 200  # leaves room for the suffix and the temporary-file prefix in a 255-byte name
@@ -55,3 +56,15 @@ def safe_bag_id(bag_id: str) -> bool:
         and not bag_id.startswith("_bags")
         and not any(ch in bag_id for ch in "/\\\0")
     )
+
+
+def per_bag_target(output: Path, bag_id: str, suffix: str) -> Path:
+    """OUT itself when it names a `suffix` file (one bag); otherwise OUT/<bag_id><suffix>.
+
+    Raises OutputError when the bag id cannot be a file name inside OUT.
+    """
+    if output.suffix.lower() == suffix:
+        return output
+    if not safe_bag_id(bag_id):
+        raise OutputError(f"{output}: bag_id {bag_id!r} cannot be used as a file name")
+    return output / f"{bag_id}{suffix}"

@@ -18,6 +18,7 @@ import numpy as np
 
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
+from smcli.files import per_bag_target
 from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, prepare_output
 
 TOP_CLASS = {"name": "Top attention", "color": [255, 0, 0]}
@@ -118,13 +119,7 @@ def feature_collection(bag: BagValues, top_k: int, min_percentile: float, object
 
 def target_path(output: Path, bag_id: str) -> Path:
     """OUT itself when it names a .geojson file; otherwise OUT/<bag_id>.geojson."""
-    if output.suffix.lower() == ".geojson":
-        return output
-    from smcli.files import safe_bag_id
-
-    if not safe_bag_id(bag_id):
-        raise OutputError(f"{output}: bag_id {bag_id!r} cannot be used as a file name")
-    return output / f"{bag_id}.geojson"
+    return per_bag_target(output, bag_id, ".geojson")
 
 
 def write_json(document: dict, path: Path) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
+from smcli.files import per_bag_target
 from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, prepare_output
 
 NORMS = ("raw", "minmax", "rank", "log")
@@ -367,14 +368,8 @@ class HeatmapResult:
 
 
 def target_path(output: Path, bag_id: str) -> Path:
-    """OUT itself when it names a .png; otherwise OUT/<bag_id>.png."""
-    if output.suffix.lower() == ".png":
-        return output
-    from smcli.files import safe_bag_id
-
-    if not safe_bag_id(bag_id):
-        raise OutputError(f"{output}: bag_id {bag_id!r} cannot be used as a file name")
-    return output / f"{bag_id}.png"
+    """OUT itself when it names a .png file; otherwise OUT/<bag_id>.png."""
+    return per_bag_target(output, bag_id, ".png")
 
 
 def save_figure(figure, path: Path) -> None:

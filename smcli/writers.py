@@ -419,7 +419,8 @@ class DirectorySink:
 
     existing: what to do when a bag's output file is already there: 'fail' the bag (default;
     the file and its row stay as they are), 'skip' it when the file is complete (its row count
-    equals the n_instances recorded for it), or 'overwrite' it.
+    equals the n_instances recorded for it, and its row names this run's model and an input of the
+    same size), or 'overwrite' it.
     """
 
     fatal_write_errors = False
@@ -455,6 +456,7 @@ class DirectorySink:
         self.claimed: set[str] = set()
         self.seen: set[str] = set()
         self.model_config_json = ""
+        self.model_sha256 = ""  # set by the caller: a kept file made by another model is rescored
 
     def _ours(self, name: str) -> bool:
         return name == self.bags_path.name or name.endswith((".csv", ".parquet"))
@@ -491,6 +493,22 @@ class DirectorySink:
                 return record
         return None
 
+    def _current(self, path: Path, record: dict) -> bool:
+        """The kept file was made by this run's model from an input of the same size.
+
+        A resume with another model (or after the input file was rewritten) must not keep scores
+        that model never produced: those bags are scored again.
+        """
+        recorded_model = record.get("model_sha256", "")
+        if self.model_sha256 and recorded_model and recorded_model != self.model_sha256:
+            return False
+        recorded_bytes = _number(record.get("input_bytes", ""), int)
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return False
+        return recorded_bytes is None or recorded_bytes == size
+
     def _complete(self, target: Path, record: dict | None) -> bool:
         """The kept file holds as many rows as its recorded bag had instances (top-k: at most k)."""
         if record is None:
@@ -515,9 +533,9 @@ class DirectorySink:
             return None
         record = self._recorded(bag_id)
         if self.existing == "skip":
-            if self._complete(target, record):
+            if record is not None and self._current(path, record) and self._complete(target, record):
                 return skipped_result(path, bag_id, record)
-            return None  # incomplete, or not known to be complete: score the bag again
+            return None  # incomplete, stale, or not known to be complete: score the bag again
         result = skipped_result(path, bag_id, record)  # keeps the earlier figures
         result.summary.status = "error"
         result.summary.error = (

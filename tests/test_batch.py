@@ -1127,3 +1127,35 @@ def test_quiet_prints_nothing_on_success_but_still_prints_errors(tmp_path, three
     result = invoke("score", three_bags, "-m", tmp_path / "nope.safetensors", "-q")
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("change", ["nothing", "model", "input"])
+def test_skip_existing_rescores_outputs_another_model_or_input_made(tmp_path, three_bags, model_file, change):
+    """A resume keeps only what this model made from these inputs: a kept file scored by another
+    model, or from an input file since rewritten, would be a silently wrong number."""
+    out = tmp_path / "out"
+    assert invoke("score", three_bags, "-m", model_file, "-o", out).exit_code == 0
+    kept = file_state(out / "slide_a.csv")
+    model = model_file
+    if change == "model":
+        torch.manual_seed(1)
+        state = TorchmilPool(IN_DIM, ATT_DIM).state_dict()
+        model = tmp_path / "models" / "other.safetensors"
+        save_checkpoint(state, ModelConfig(PoolConfig(IN_DIM, ATT_DIM)), model)
+    elif change == "input":
+        (three_bags / "slide_a.safetensors").unlink()
+        tensors = good_tensors(n_rows=7, seed=9)
+        write_tensors(three_bags / "slide_a.safetensors", tensors, patch_size=PATCH)
+
+    result = invoke("score", three_bags, "-m", model, "-o", out, "--skip-existing")
+    assert result.exit_code == 0, result.stderr
+    status = {name: row["status"] for name, row in bags_rows(out / "_bags.csv").items()}
+    if change == "nothing":
+        assert status == dict.fromkeys(("slide_a", "slide_b", "slide_c"), "skipped")
+        assert file_state(out / "slide_a.csv") == kept
+        return
+    expected = "ok" if change == "model" else "skipped"
+    assert status["slide_a"] == "ok"
+    assert status["slide_b"] == status["slide_c"] == expected
+    fresh = invoke("score", three_bags / "slide_a.safetensors", "-m", model)
+    assert (out / "slide_a.csv").read_text() == fresh.stdout  # what this model makes of this input

@@ -263,6 +263,14 @@ def test_a_fifo_input_neither_blocks_the_run_nor_the_signal_handlers(tmp_path, m
     assert (tmp_path / "out" / "zz_good.csv").exists()
 
 
+def test_a_fifo_given_as_the_model_is_a_model_error_not_a_hang(tmp_path):
+    write_bag(tmp_path / "a.safetensors")
+    os.mkfifo(tmp_path / "model.safetensors")
+    result = invoke("score", tmp_path / "a.safetensors", "-m", tmp_path / "model.safetensors")
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {tmp_path / 'model.safetensors'}: not a regular file\n"
+
+
 def test_sigterm_ends_a_run_whose_reader_is_stuck_in_the_kernel(tmp_path, model_path):
     """A read that never returns (a hung network mount; here a read that waits forever) must not
     keep SIGTERM from ending the run: exit 143, summary line, the bag before it written."""
