@@ -94,7 +94,8 @@ class SmGraph:
 def as_graph(adj: Any, backend: Backend, symmetric: bool | None = None) -> SmGraph:
     """An SmGraph from smcli's Adjacency, a scipy.sparse matrix, or a torch sparse tensor."""
     if isinstance(adj, SmGraph):
-        if adj.backend.name == backend.name:
+        # the same kind of backend on the same device (numpy and torch on the CPU are both "cpu")
+        if type(adj.backend) is type(backend) and adj.backend.name == backend.name:
             return adj
         adj = adj.host
     return SmGraph(host_csr(adj), backend, symmetric)

@@ -44,3 +44,16 @@ def test_addmm_accumulates_in_place_and_axpy_updates_in_place(backend_name):
     assert np.allclose(backend.to_numpy(result), expected) and np.allclose(backend.to_numpy(out), expected)
     backend.axpy(out, x, -2.0)
     assert np.allclose(backend.to_numpy(out), expected - 2.0 * np.arange(6).reshape(3, 2))
+
+
+@pytest.mark.parametrize(("first", "second"), [("cpu", "torch:cpu"), ("torch:cpu", "cpu")])
+def test_a_graph_prepared_for_one_backend_serves_another_on_the_same_device(grid_graph, first, second):
+    """numpy and torch on the CPU are both device "cpu": a graph made for one is rebuilt for the other."""
+    from smcli.model import approx_sm, as_graph
+
+    prepared = as_graph(grid_graph, get_backend(first))
+    target = get_backend(second)
+    f = np.random.default_rng(1).standard_normal((grid_graph.shape[0], 3)).astype(np.float32)
+    smoothed = target.to_numpy(approx_sm(target.asarray(f), as_graph(prepared, target), 1.5, 4))
+    direct = get_backend("cpu").to_numpy(approx_sm(f, as_graph(grid_graph, get_backend("cpu")), 1.5, 4))
+    assert np.abs(smoothed - direct).max() <= 1e-5
