@@ -14,13 +14,12 @@ import scipy.sparse
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from torchmil.models import SmABMIL as TorchmilSmABMIL
 from torchmil.nn import SmAttentionPool as TorchmilPool
 
 from smcli.checkpoint import ModelConfig, PoolConfig, build_module
 from smcli.graph import GraphOptions, build_adjacency, build_adjacency_with, grid_cells
 from smcli.model import SmSolveError, approx_sm, exact_sm, host_csr, is_symmetric
-from tests.conftest import PATCH, torchmil_adjacency, tricky_coords
+from tests.conftest import PATCH, make_torchmil_model, torchmil_adjacency, tricky_coords
 
 BACKENDS = [
     "cpu",
@@ -54,20 +53,8 @@ BAGS = {"tricky": tricky_coords(0), "single": np.array([[512, 1024]])}
 
 def torchmil_model(mode, where, spectral, alpha, act, head, seed=0):
     torch.manual_seed(seed)
-    if head:
-        model = TorchmilSmABMIL(
-            (IN_DIM,),
-            att_dim=ATT_DIM,
-            att_act=act,
-            sm_mode=mode,
-            sm_alpha=alpha,
-            sm_where=where,
-            spectral_norm=spectral,
-        )
-        prefix = "pool."
-    else:
-        model = TorchmilPool(IN_DIM, ATT_DIM, act, mode, alpha, 10, where, spectral)
-        prefix = ""
+    model = make_torchmil_model(IN_DIM, ATT_DIM, head, mode, where, spectral, alpha, act)
+    prefix = "pool." if head else ""
     state = model.state_dict()
     if f"{prefix}sm.sm.coef" in state:
         state[f"{prefix}sm.sm.coef"] = torch.tensor(2.7)  # a trained coefficient, not the init 1.0
