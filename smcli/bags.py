@@ -113,6 +113,8 @@ def check_input(path: Path) -> None:
     if not stat.S_ISREG(mode):
         kind = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
         raise _fail(path, f"is {kind}, not a bag file")
+    if not os.access(path, os.R_OK):  # else the format sniffing reads nothing and blames the format
+        raise _fail(path, "permission denied")
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:

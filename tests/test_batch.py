@@ -805,32 +805,90 @@ def test_features_with_a_batch_axis_of_one_score_like_2d(tmp_path, model_file):
     pd.testing.assert_frame_equal(flat, batched, check_exact=True)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
-def test_an_unreadable_bag_is_one_error_line(tmp_path, make_bag, model_file):
-    bags = tmp_path / "bags"
+class Outcome:
+    """exit_code and stderr of a run, in-process or in an unprivileged child process."""
+
+    def __init__(self, exit_code: int, stderr: str) -> None:
+        self.exit_code, self.stderr = exit_code, stderr
+
+
+NOBODY = 65534
+
+
+def _as_nobody(*args: str) -> list[str]:
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *args]
+
+
+@pytest.fixture
+def permission_run(tmp_path):
+    """(workdir, run): run(*args) scores with file permissions enforced.
+
+    Permission checks do not bind root (CI runs as root), so as root the command runs as user
+    nobody (setpriv) in a world-readable work directory; otherwise in-process as usual.
+    """
+    if os.geteuid() != 0:
+        return tmp_path, lambda *args: invoke(*args)
+    import shutil
+    import tempfile
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot drop privileges")
+    workdir = Path(tempfile.mkdtemp(prefix="smcli-perm-"))
+    workdir.chmod(0o777)  # nobody creates the outputs here
+    probe = subprocess.run(_as_nobody(sys.executable, "-c", "import smcli"), capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        shutil.rmtree(workdir)
+        pytest.skip("user nobody cannot run this interpreter or import smcli")
+
+    def run(*args):
+        for path in [workdir, *workdir.rglob("*")]:  # readable by nobody, except what the test locked
+            if path.stat().st_mode & 0o777 not in (0, 0o555):
+                path.chmod(0o777 if path.is_dir() else 0o644)
+        done = subprocess.run(
+            _as_nobody(sys.executable, "-m", "smcli", *map(str, args)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=workdir,
+        )
+        return Outcome(done.returncode, done.stderr)
+
+    yield workdir, run
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_an_unreadable_bag_is_one_error_line(permission_run, make_bag, model_file):
+    workdir, run = permission_run
+    bags = workdir / "bags"
     locked = make_bag(bags, "locked")
     make_bag(bags, "open", seed=2)
+    model = workdir / "model.safetensors"
+    model.write_bytes(Path(model_file).read_bytes())
     locked.chmod(0)
     try:
-        result = invoke("score", bags, "-m", model_file, "-o", tmp_path / "out")
+        result = run("score", bags, "-m", model, "-o", workdir / "out")
     finally:
         locked.chmod(0o644)
-    assert result.exit_code == 1
+    assert result.exit_code == 1, result.stderr
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and str(locked) in errors[0] and "permission denied" in errors[0]
-    assert (tmp_path / "out" / "open.csv").exists()
+    assert (workdir / "out" / "open.csv").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
-def test_a_read_only_output_directory_exits_2(tmp_path, three_bags, model_file):
-    out = tmp_path / "out"
+def test_a_read_only_output_directory_exits_2(permission_run, make_bag, model_file):
+    workdir, run = permission_run
+    bags = workdir / "bags"
+    make_bag(bags, "slide_a")
+    model = workdir / "model.safetensors"
+    model.write_bytes(Path(model_file).read_bytes())
+    out = workdir / "out"
     out.mkdir()
-    out.chmod(0o500)
+    out.chmod(0o555)
     try:
-        result = invoke("score", three_bags, "-m", model_file, "-o", out)
+        result = run("score", bags, "-m", model, "-o", out)
     finally:
         out.chmod(0o755)
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.stderr
     assert "not writable" in result.stderr
 
 
