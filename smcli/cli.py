@@ -67,6 +67,7 @@ FeaturesKeyOption = Annotated[
 CoordsKeyOption = Annotated[str, typer.Option("--coords-key", help="Name of the coordinates tensor/dataset.")]
 LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 0/1 instance labels.")]
 ColumnOption = Annotated[str, typer.Option("--column", help="Table column to draw.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 
 
 def _stderr(message: str) -> None:
@@ -233,6 +234,7 @@ def convert(
         typer.Option(help="Grid origin: min (CAMELYON16/PANDA datasets) or zero (TRIDENT)."),
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to assume any torchmil default.")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Turn a torchmil SmAttentionPool/SmABMIL training file into an smcli checkpoint.
 
@@ -263,6 +265,7 @@ def convert(
             origin,
             config,
             strict,
+            overwrite=overwrite,
         )
         result = convert_checkpoint(state_dict, output, options)
     except SmcliError as err:
@@ -450,6 +453,7 @@ def heatmap(
         int | None,
         typer.Option("--top-patches", help="With --slide: cut the K highest patches at level 0, as PNGs."),
     ] = None,
+    overwrite: OverwriteOption = False,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
@@ -488,6 +492,7 @@ def heatmap(
             max_side=max_side,
             alpha=alpha,
             top_patches=top_patches,
+            overwrite=overwrite,
         )
         for result in run_heatmap(request):
             for text in result.warnings:
@@ -528,6 +533,7 @@ def geojson(
     detection: Annotated[
         bool, typer.Option("--detection", help="QuPath detections instead of tiles.")
     ] = False,
+    overwrite: OverwriteOption = False,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
@@ -559,6 +565,7 @@ def geojson(
             patch_size,
             dist_thr,
             BagKeys(features_key, coords_key, labels_key),
+            overwrite=overwrite,
         )
         for result in run_geojson(request):
             if result.error:

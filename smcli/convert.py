@@ -86,6 +86,7 @@ class ConvertOptions:
     origin: str | None = None
     config: Path | None = None  # JSON file of torchmil constructor and graph settings
     strict: bool = False  # an assumption is an error
+    overwrite: bool = False  # replace an existing output file
 
     def given(self) -> dict[str, Any]:
         """The settings given as flags."""
@@ -493,8 +494,18 @@ def convert_state(
 
 def convert(pt_path: Path, out: Path, options: ConvertOptions) -> ConvertResult:
     """`smcli convert`: torchmil training file -> smcli checkpoint (.safetensors), atomically."""
+    from smcli.errors import OutputError
+    from smcli.files import prepare_file_output
+
+    out = Path(out)
+    if out.exists() and not options.overwrite:  # before the file is read: fail fast
+        raise UsageError(f"{out}: output exists; pass --overwrite to replace it")
     state, hyper_parameters, found = read_training_file(pt_path)
     config, notes = convert_state(state, hyper_parameters, options, pt_path)
     kept = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
-    save_checkpoint(kept, config, out)
+    prepare_file_output(out, options.overwrite, UsageError)  # a missing parent directory is created
+    try:
+        save_checkpoint(kept, config, out)
+    except OSError as err:
+        raise OutputError(f"{out}: cannot write ({err.strerror or type(err).__name__})") from None
     return ConvertResult(config, config.assumed, found, notes)

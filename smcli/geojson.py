@@ -18,7 +18,7 @@ import numpy as np
 
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
-from smcli.files import per_bag_target
+from smcli.files import per_bag_target, prepare_file_output
 from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, prepare_output
 
 TOP_CLASS = {"name": "Top attention", "color": [255, 0, 0]}
@@ -36,6 +36,7 @@ class GeoJsonRequest:
     patch_size: float | None = None
     dist_thr: float | None = None
     keys: BagKeys = BagKeys()
+    overwrite: bool = False  # replace existing .geojson files (else that bag's error)
 
 
 @dataclass
@@ -161,6 +162,7 @@ def run_geojson(request: GeoJsonRequest) -> Iterator[GeoJsonResult]:
         try:
             document = feature_collection(item, request.top_k, request.min_percentile, request.object_type)
             path = target_path(request.output, item.bag_id)
+            prepare_file_output(path, request.overwrite)
             write_json(document, path)
             result.written, result.n_features = path, len(document["features"])
         except (BagError, OutputError) as err:

@@ -29,7 +29,7 @@ import numpy as np
 
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
-from smcli.files import per_bag_target
+from smcli.files import per_bag_target, prepare_file_output
 from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, prepare_output
 
 NORMS = ("raw", "minmax", "rank", "log")
@@ -353,6 +353,7 @@ class HeatmapRequest:
     max_side: int = 2000
     alpha: float = 0.4
     top_patches: int | None = None
+    overwrite: bool = False  # replace existing pictures (else that bag's error)
 
 
 @dataclass
@@ -469,6 +470,7 @@ def draw_bag(bag: BagValues, request: HeatmapRequest, result: HeatmapResult) -> 
         if request.labels and bag.labels is None:
             result.warnings.append(f"{bag.source}: {bag.bag_id}: no labels to outline")
         picture = render_grid(bag, request.norm, request.labels, request.cmap)
+        claim_outputs(path, request)
         save_rgb(picture.render(), path)
         result.written = path
         return
@@ -479,10 +481,18 @@ def draw_bag(bag: BagValues, request: HeatmapRequest, result: HeatmapResult) -> 
     slide_path = find_slide(request.slide, bag.bag_id)
     thumbnail = read_thumbnail(slide_path, request.max_side)
     picture = render_overlay(bag, thumbnail, request.norm, request.cmap, request.alpha)
+    claim_outputs(path, request)
     save_rgb(picture.render(), path)
     result.written = path
     if request.top_patches:
         result.top = write_top_patches(bag, slide_path, path.with_suffix(""), request.top_patches)
+
+
+def claim_outputs(path: Path, request: HeatmapRequest) -> None:
+    """The output rule (files.prepare_file_output) for a bag's picture and its top-patch sheet."""
+    prepare_file_output(path, request.overwrite)
+    if request.top_patches:
+        prepare_file_output(path.with_name(f"{path.stem}_top.png"), request.overwrite)
 
 
 def write_top_patches(bag: BagValues, slide_path: Path, base: Path, k: int) -> list[Path]:

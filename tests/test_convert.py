@@ -227,10 +227,21 @@ def test_graph_flags_and_config_reach_the_checkpoint(tmp_path):
     )
     assert (loaded.dist_thr, loaded.patch_size) == (1.5, 512.0)
     result = invoke(
-        "convert", pt, "-o", out, *flags, "--normalize", "--weights", "binary", "--config", config
+        "convert",
+        pt,
+        "-o",
+        out,
+        *flags,
+        "--normalize",
+        "--weights",
+        "binary",
+        "--config",
+        config,
+        "--overwrite",
     )
     assert load_model(out).config.graph.normalize is True  # the flag wins over the config
-    assert invoke("convert", pt, "-o", out, "--weights", "gauss").exit_code == 2
+    gauss = invoke("convert", pt, "-o", out, "--weights", "gauss", "--overwrite")
+    assert gauss.exit_code == 2 and "--weights" in gauss.stderr
 
 
 # --- nothing assumed quietly -------------------------------------------------------------------
