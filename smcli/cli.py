@@ -29,7 +29,7 @@ def _print_version(value: bool) -> None:
     if value:
         from smcli import __version__  # the package root only: no numpy, no torch
 
-        typer.echo(f"smcli {__version__}")
+        _data(f"smcli {__version__}")
         raise typer.Exit()
 
 
@@ -369,10 +369,20 @@ def inspect_files(
             info, failed = {"path": str(path), "kind": "error", "error": str(err)}, True
         documents.append(info)
         if not as_json and info["kind"] != "error":
-            typer.echo("\n".join(_inspect_lines(info)))
+            _data("\n".join(_inspect_lines(info)))
     if as_json:
-        typer.echo(json.dumps(documents, indent=2))
+        _data(json.dumps(documents, indent=2))
     raise typer.Exit(code=1 if failed else 0)
+
+
+def _data(text: str) -> None:
+    """One block of data on stdout, every byte or an error line (full disk) / quiet exit 1 (EPIPE)."""
+    from smcli.files import write_stdout
+
+    try:
+        write_stdout((text + "\n").encode("utf-8", "surrogateescape"))  # file names: their own bytes
+    except SmcliError as err:
+        raise _exit_on(err) from None
 
 
 def _inspect_lines(info: dict) -> list[str]:
