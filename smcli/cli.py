@@ -67,6 +67,14 @@ FeaturesKeyOption = Annotated[
 CoordsKeyOption = Annotated[str, typer.Option("--coords-key", help="Name of the coordinates tensor/dataset.")]
 LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 0/1 instance labels.")]
 ColumnOption = Annotated[str, typer.Option("--column", help="Table column to draw.")]
+MppOption = Annotated[
+    float | None,
+    typer.Option(
+        "--mpp",
+        help="Micrometres per level-0 pixel of the slide, for coords in micrometres (STAMP); "
+        "overrides the slide's openslide.mpp-x/y.",
+    ),
+]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 
 
@@ -177,7 +185,7 @@ def score(
             shard=parse_shard(shard) if shard is not None else None,
         )
         with GUARD.installed():  # SIGINT/SIGTERM: clean up, summarize, exit 130/143
-            run = run_score(request, reporter.report, reporter.start)
+            run = run_score(request, reporter.report, reporter.start, reporter.note)
     except SmcliError as err:
         reporter.finish_quietly()
         raise _exit_on(err) from None
@@ -453,6 +461,7 @@ def heatmap(
         int | None,
         typer.Option("--top-patches", help="With --slide: cut the K highest patches at level 0, as PNGs."),
     ] = None,
+    mpp: MppOption = None,
     overwrite: OverwriteOption = False,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
@@ -467,6 +476,7 @@ def heatmap(
     means no patch. With --slide the patches' level-0 footprints are blended over the slide's
     thumbnail (--max-side, --alpha); areas without patches show the slide as it is. For tables the
     patch step is --patch-size, else the one the score run recorded, else inferred from x, y.
+    Coords in micrometres (STAMP) are placed with the slide's microns per pixel, or --mpp.
 
     Example:
         smcli heatmap scores/ -o heatmaps/ --slide slides/ --top-patches 12
@@ -492,9 +502,12 @@ def heatmap(
             max_side=max_side,
             alpha=alpha,
             top_patches=top_patches,
+            mpp=mpp,
             overwrite=overwrite,
         )
         for result in run_heatmap(request):
+            for text in result.notes:
+                _stderr(f"note: {text}")
             for text in result.warnings:
                 _stderr(f"warning: {text}")
             if result.error:
@@ -533,6 +546,13 @@ def geojson(
     detection: Annotated[
         bool, typer.Option("--detection", help="QuPath detections instead of tiles.")
     ] = False,
+    slide: Annotated[
+        Path | None,
+        typer.Option(
+            "--slide", help="The slide (or a directory of <bag_id>.* slides): its MPP, and a bounds check."
+        ),
+    ] = None,
+    mpp: MppOption = None,
     overwrite: OverwriteOption = False,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
@@ -544,7 +564,8 @@ def geojson(
 
     Each tile carries measurements attention_logit, attention_weight and attention_percentile
     (colour by them in QuPath); the --top-k highest are classified "Top attention". Drag the file
-    onto the slide in QuPath to see the tiles in place.
+    onto the slide in QuPath to see the tiles in place. Coords in micrometres (STAMP) are turned
+    into level-0 pixels with the --slide's microns per pixel, or --mpp; with neither, the bag fails.
 
     Example:
         smcli geojson scores/slide_01.csv -o slide_01.geojson --top-k 20 --min-percentile 50
@@ -565,9 +586,13 @@ def geojson(
             patch_size,
             dist_thr,
             BagKeys(features_key, coords_key, labels_key),
+            slide=slide,
+            mpp=mpp,
             overwrite=overwrite,
         )
         for result in run_geojson(request):
+            for text in result.notes:
+                _stderr(f"note: {text}")
             if result.error:
                 failed = True
                 _stderr(f"error: {result.error}")

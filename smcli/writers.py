@@ -39,6 +39,7 @@ BAGS_COLUMNS = [  # the first nine are the core columns; localization and proven
     "warnings",
     "patch_step",
     "patch_step_source",
+    "coords_units",
     "dist_thr",
     "input_bytes",
     "model_sha256",
@@ -608,6 +609,13 @@ def skipped_result(path: Path, bag_id: str, previous: dict | None) -> BagResult:
             ("input_bytes", int),
         ):
             setattr(summary, name, _number(previous.get(name, ""), kind))
-        for name in ("patch_step_source", "model_sha256", "device", "smcli_version", "scored_at"):
+        for name in (
+            "patch_step_source",
+            "coords_units",
+            "model_sha256",
+            "device",
+            "smcli_version",
+            "scored_at",
+        ):
             setattr(summary, name, previous.get(name, ""))
     return BagResult(summary)
