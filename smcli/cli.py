@@ -561,6 +561,84 @@ def geojson(
     raise typer.Exit(code=1 if failed else 0)
 
 
+@app.command("view")
+def view(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Scores tables (.csv/.parquet from `smcli score`), or bags with -m.")
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="Checkpoint to score bag inputs with."),
+    ] = None,
+    slide: Annotated[
+        Path | None,
+        typer.Option("--slide", help="Show on this slide, or on <bag_id>.* found in this directory."),
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = 0,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (others can reach anything but 127.0.0.1).")
+    ] = "127.0.0.1",
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable).")
+    ] = None,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, open no browser.")] = False,
+    column: ColumnOption = "attention_logit",
+    patch_size: PatchSizeOption = None,
+    dist_thr: DistThrOption = None,
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
+) -> None:
+    """Look at attention in the browser: the slide at every zoom with each patch's attention in place.
+
+    Serves a local web page (nothing loads from the internet) and prints its URL, with a one-time
+    token, as the first line of stdout; Ctrl-C stops it. Hover a patch for its numbers, click a
+    top patch to go there, switch bags, or put two tables of one bag side by side (linked pan and
+    zoom). Without --slide the patch grid is the image. The page needs the token; only the tables
+    and slides named here are served.
+
+    Example:
+        smcli view scores/slide_01.csv scores_abmil/slide_01.csv --slide slides/
+    """
+    from smcli.bags import BagKeys
+    from smcli.view.data import ViewBag, ViewRequest, load_bags
+    from smcli.view.server import LOCAL_NAMES, ServeOptions, serve_until_stopped, start
+
+    try:
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
+        request = ViewRequest(
+            inputs, model, slide, column, patch_size, dist_thr, BagKeys(features_key, coords_key, labels_key)
+        )
+        bags = []
+        for item in load_bags(request):
+            if isinstance(item, ViewBag):
+                bags.append(item)
+                for text in item.bag.warnings:
+                    _stderr(f"warning: {text}")
+            else:
+                _stderr(f"error: {item.error}")
+        if not bags:
+            from smcli.errors import BagError
+
+            raise BagError("no bag to show")
+        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ())))
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    if host not in LOCAL_NAMES:
+        _stderr(f"warning: listening on {host}: anyone who can reach it and has the URL sees these slides")
+    print(url, flush=True)
+
+    def open_browser() -> None:
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    serve_until_stopped(server, open_browser)
+    raise typer.Exit(code=0)
+
+
 def _check_positive(**values: float | None) -> None:
     """UsageError for a given --patch-size / --dist-thr that is not a positive, finite number
     (and a --dist-thr past graph.MAX_DIST_THR: its neighbourhoods would cost memory, not sense)."""
