@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from smcli.geojson import rank_percentile
@@ -296,3 +298,37 @@ def test_other_methods_are_refused(server):
     connection.request("POST", "/api/bags?" + parts.query, body=b"x")
     assert connection.getresponse().status == 405
     connection.close()
+
+
+SEGMENTS = ["..", ".", "%2e%2e", "%2E", "static", "viewer.js", "etc", "passwd", "", "api", "bags", "0", "~"]
+
+
+@pytest.fixture(scope="module")
+def viewer(files):
+    from smcli.view.server import Viewer
+
+    made = Viewer(bags_of(files["folder"] / "sm" / "slide_a.csv"))
+    yield made
+    made.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=6), absolute=st.booleans())
+def test_only_named_routes_answer(viewer, parts, absolute):
+    from smcli.view import pages
+
+    path = ("/" if absolute else "//") + "/".join(parts)
+    response = viewer.handle(path, {})
+    known = {"/", "/api/bags", "/favicon.ico", *(f"/static/{name}" for name in pages.assets())}
+    assert (response.status in (200, 204)) == (path in known), path
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_only_allowed_host_names_pass_the_gate(header):
+    from smcli.view.server import Gate, host_name
+
+    gate = Gate("t" * 32, frozenset({"127.0.0.1", "localhost", "::1", "viewer.lab"}), "c")
+    refused = gate.refusal(header, {"token": ["t" * 32]}, None)
+    assert (refused == "") == (host_name(header) in gate.allowed_hosts)
+    assert gate.refusal(header, {"token": ["t" * 31]}, None) != ""  # never without the token

@@ -92,6 +92,7 @@ class Viewer:
         self.pyramids = [
             self.slide(bag.slide).pyramid if bag.slide is not None else Pyramid(*bag.size) for bag in bags
         ]
+        self.bag_list = self.make_bag_list()
 
     def slide(self, path: Path) -> SlideTiles:
         with self._lock:
@@ -146,21 +147,26 @@ class Viewer:
         return Response(200, asset.body, asset.content_type)
 
     def route_bags(self, query) -> Response:
+        return Response(200, self.bag_list, "application/json")
+
+    def make_bag_list(self) -> bytes:
+        """The page's first request, made before the URL is printed (matplotlib's import and the
+        colour maps take a few hundred ms, which the first screen should not wait for)."""
         colormaps = {
             name: ["#%02x%02x%02x" % tuple(int(c) for c in rgb) for rgb in self.lut(name)]  # noqa: UP031
             for name in COLORMAPS
         }
-        return _json(
-            {
-                "bags": [
-                    {**patches.bag_summary(bag), "source": label}
-                    for bag, label in zip(self.bags, source_labels(self.bags), strict=True)
-                ],
-                "colormaps": colormaps,
-                "scales": list(SCALES),
-                "tile_size": Pyramid(1, 1).tile,
-            }
-        )
+        labels = source_labels(self.bags)
+        data = {
+            "bags": [
+                {**patches.bag_summary(bag), "source": label}
+                for bag, label in zip(self.bags, labels, strict=True)
+            ],
+            "colormaps": colormaps,
+            "scales": list(SCALES),
+            "tile_size": Pyramid(1, 1).tile,
+        }
+        return json.dumps(data, allow_nan=False).encode()
 
     def _bag(self, index: str) -> ViewBag:
         number = int(index)
@@ -309,6 +315,9 @@ def _cookie(header: str | None, name: str) -> str:
 class Handler(BaseHTTPRequestHandler):
     server: ViewServer
     protocol_version = "HTTP/1.1"
+    # headers and body go out as two writes: with Nagle's algorithm on, the second waits for the
+    # client's delayed ACK (~40 ms on Linux) on every keep-alive response
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
         parts = urlsplit(self.path)

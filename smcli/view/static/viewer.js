@@ -77,6 +77,7 @@ class Panel {
       maxZoomPixelRatio: 4,
       animationTime: 0.5,
       gestureSettingsMouse: { clickToZoom: false },
+      immediateRender: true, // the first screen fetches the level it shows, not every level below
     });
     this.hovering = null; // [x, y] level 0, waiting to be looked up
     this.inFlight = false;
@@ -223,7 +224,11 @@ async function showTop() {
     const item = document.createElement("li");
     item.dataset.instance = record.instance;
     const picture = bag.slide ? document.createElement("img") : document.createElement("div");
-    if (bag.slide) { picture.src = `api/bags/${bag.index}/thumb/${record.row}.jpeg`; picture.alt = `instance ${record.instance}`; }
+    if (bag.slide) {
+      picture.loading = "lazy";
+      picture.alt = `instance ${record.instance}`;
+      picture.dataset.src = `api/bags/${bag.index}/thumb/${record.row}.jpeg`;
+    }
     else { picture.className = "swatch"; picture.style.background = colours[Math.round((record.attention_percentile / 100) * (colours.length - 1))]; }
     const text = document.createElement("span");
     text.textContent = `#${record.rank} instance ${record.instance} (x ${record.x}, y ${record.y}) · logit ${format(record.attention_logit)} · weight ${format(record.attention_weight)}`;
@@ -231,6 +236,13 @@ async function showTop() {
     item.addEventListener("click", () => { panels[0].goTo(record); panels[0].mark(record); });
     list.append(item);
   }
+  // thumbnails wait for the slide's first screen: they are cut from level 0 and would queue before its tiles
+  whenLoaded(() => list.querySelectorAll("img[data-src]").forEach((img) => { img.src = img.dataset.src; }));
+}
+
+function whenLoaded(then) {
+  const check = () => (window.smcliView.loaded() ? then() : setTimeout(check, 100));
+  check();
 }
 
 function showBagInfo() {
@@ -282,7 +294,7 @@ async function main() {
   if (!config.colormaps[state.cmap]) state.cmap = "inferno";
   if (!config.scales.includes(state.scale)) state.scale = "rank";
   const bag = config.bags[state.bag];
-  if (state.opacity === null) state.opacity = bag.slide ? 70 : 100;
+  if (state.opacity === null) state.opacity = 100; // with fade, only the highest attention is opaque
   if (state.fade === null) state.fade = Boolean(bag.slide); // on the grid, low values must not look like "no patch"
   if (state.vmin === null) state.vmin = bag.min;
   if (state.vmax === null) state.vmax = bag.max;
@@ -339,5 +351,5 @@ async function main() {
 }
 
 // for tests and the curious: the panels, the state, and whether every layer is fully drawn
-window.smcliView = { panels, state, loaded: () => panels.every((p) => p.section.hidden || p.loaded()) };
+window.smcliView = { panels, state, loaded: () => panels.length > 0 && panels.every((p) => p.section.hidden || p.loaded()) };
 main();
