@@ -214,6 +214,7 @@ def score_bag(
         probability=probability,
         patch_step=geometry.patch_step,
         patch_step_source=geometry.source,
+        coords_units=bag_units(bag),
         dist_thr=dist_thr,
         warnings=geometry_warnings(bag, geometry, cells, adjacency.n_edges),
         auroc=auroc(logits, bag.labels) if bag.labels is not None else None,
@@ -225,6 +226,22 @@ def score_bag(
     )
     summary.seconds = time.perf_counter() - started
     return BagResult(summary, table)
+
+
+def bag_units(bag: Bag) -> str:
+    """The unit of the bag's coords (smcli.units): what its reader or metadata says, else pixels.
+
+    A unit smcli does not know is kept as written (scoring does not need it; drawing it on a slide
+    then fails with a line naming it).
+    """
+    from smcli.readers import COORDS_UNITS
+    from smcli.units import parse_units
+
+    stated = bag.metadata.get("coords_units") or COORDS_UNITS.get(bag.metadata.get("format", ""))
+    try:
+        return parse_units(stated)
+    except BagError:
+        return str(stated)
 
 
 def check_finite_scores(path: Path, logits: np.ndarray, bag_logit: float | None) -> None:
