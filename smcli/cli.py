@@ -618,6 +618,7 @@ def view(
         typer.Option("--allow-host", help="Another Host name the browser may use (repeatable).")
     ] = None,
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, open no browser.")] = False,
+    mpp: MppOption = None,
     column: ColumnOption = "attention_logit",
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
@@ -630,8 +631,9 @@ def view(
     Serves a local web page (nothing loads from the internet) and prints its URL, with a one-time
     token, as the first line of stdout; Ctrl-C stops it. Hover a patch for its numbers, click a
     top patch to go there, switch bags, or put two tables of one bag side by side (linked pan and
-    zoom). Without --slide the patch grid is the image. The page needs the token; only the tables
-    and slides named here are served.
+    zoom). Without --slide the patch grid is the image. Coords in micrometres are placed on the
+    slide with its microns per pixel, or --mpp. The page needs the token; only the tables and
+    slides named here are served.
 
     Example:
         smcli view scores/slide_01.csv scores_abmil/slide_01.csv --slide slides/
@@ -642,15 +644,16 @@ def view(
 
     try:
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
-        request = ViewRequest(
-            inputs, model, slide, column, patch_size, dist_thr, BagKeys(features_key, coords_key, labels_key)
-        )
+        keys = BagKeys(features_key, coords_key, labels_key)
+        request = ViewRequest(inputs, model, slide, column, patch_size, dist_thr, keys, mpp)
         bags = []
         for item in load_bags(request):
             if isinstance(item, ViewBag):
                 bags.append(item)
                 for text in item.bag.warnings:
                     _stderr(f"warning: {text}")
+                for text in item.notes:
+                    _stderr(f"note: {text}")
             else:
                 _stderr(f"error: {item.error}")
         if not bags:

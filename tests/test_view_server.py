@@ -332,3 +332,41 @@ def test_only_allowed_host_names_pass_the_gate(header):
     refused = gate.refusal(header, {"token": ["t" * 32]}, None)
     assert (refused == "") == (host_name(header) in gate.allowed_hosts)
     assert gate.refusal(header, {"token": ["t" * 31]}, None) != ""  # never without the token
+
+
+@pytest.fixture(scope="module")
+def micrometre_table(files):
+    """The sm table with x, y and the patch step in micrometres (0.5 µm per level-0 pixel), its unit
+    recorded in the bags file beside it, as `smcli score` writes it for a STAMP bag."""
+    folder = files["folder"] / "um"
+    folder.mkdir()
+    table = files["sm"].copy()
+    table["x"] = table["x"] * 0.5
+    table["y"] = table["y"] * 0.5
+    table.to_csv(folder / "slide_a.csv", index=False)
+    (folder / "_bags.csv").write_text(f"bag_id,patch_step,coords_units\nslide_a,{STEP * 0.5:g},micrometres\n")
+    return folder / "slide_a.csv"
+
+
+def test_micrometre_tables_are_placed_with_the_mpp_and_show_their_own_numbers(files, micrometre_table):
+    from smcli.scored import Failed
+
+    loaded = list(load_bags(ViewRequest([micrometre_table], slide=files["slide"], mpp=0.5)))
+    (bag,) = loaded
+    assert isinstance(bag, ViewBag)
+    assert (bag.coords == files["coords"]).all() and bag.side == (STEP, STEP)  # level-0 pixels
+    assert any("0.5 µm/px (--mpp)" in note for note in bag.notes)
+    with serving([bag]) as (_, url):
+        table = files["sm"]
+        x, y = int(table.x[5]), int(table.y[5])
+        record = json.loads(get(url, f"/api/bags/0/patch?x={x + 1}&y={y + 1}")[2])
+        assert (record["instance"], record["x"], record["y"]) == (5, x * 0.5, y * 0.5)  # the table's µm
+        assert record["box"] == [x, y, STEP, STEP]
+        summary = json.loads(get(url, "/api/bags")[2])["bags"][0]
+        assert summary["units"] == "micrometres" and "0.5 µm/px" in summary["placed_at"]
+    # the test slide records no MPP: without --mpp the bag is refused, naming --mpp
+    (failed,) = list(load_bags(ViewRequest([micrometre_table], slide=files["slide"])))
+    assert isinstance(failed, Failed) and "--mpp" in failed.error and "\n" not in failed.error
+    # on the patch grid micrometres need no scale: drawn as they are
+    (grid,) = list(load_bags(ViewRequest([micrometre_table])))
+    assert isinstance(grid, ViewBag) and grid.side == (STEP * 0.5, STEP * 0.5) and not grid.notes

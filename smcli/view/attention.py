@@ -51,7 +51,7 @@ def tile_region(bag: ViewBag, pyramid: Pyramid, level: int, col: int, row: int, 
 
 
 def select(
-    coords: np.ndarray, step: float, corner: tuple[float, float], span: tuple[float, float]
+    coords: np.ndarray, side: tuple[float, float], corner: tuple[float, float], span: tuple[float, float]
 ) -> np.ndarray:
     """Indices of the patches whose footprint meets the level-0 box [corner, corner + span).
 
@@ -61,22 +61,22 @@ def select(
     x, y = coords[:, 0], coords[:, 1]
     inside = (
         (x < corner[0] + span[0])
-        & (x + step > corner[0])
+        & (x + side[0] > corner[0])
         & (y < corner[1] + span[1])
-        & (y + step > corner[1])
+        & (y + side[1] > corner[1])
     )
     return np.flatnonzero(inside)
 
 
 def paint_tile(
-    coords: np.ndarray, step: float, t: np.ndarray, shape: tuple[int, int], factor: float
+    coords: np.ndarray, side: tuple[float, float], t: np.ndarray, shape: tuple[int, int], factor: float
 ) -> np.ndarray:
     """(h, w) float32: t of the hottest patch over each pixel, -1 where none. coords relative to
     the tile's corner, in level-0 pixels; `factor` level-0 pixels per tile pixel."""
     from smcli.slide import paint
 
     try:
-        return paint(coords, step, t, shape, (factor, factor))
+        return paint(coords, side, t, shape, (factor, factor))
     except BagError:
         # far zoomed out, thousands of sub-pixel patches share each pixel: one pixel per patch
         height, width = shape
@@ -90,12 +90,12 @@ def paint_tile(
 def render(bag: ViewBag, pyramid: Pyramid, level: int, col: int, row: int, style: Style) -> bytes:
     """The attention tile (level, col, row) of `bag` as RGBA PNG: colour where a patch is, clear elsewhere."""
     corner, (width, height), factor = tile_region(bag, pyramid, level, col, row)
-    chosen = select(bag.coords, bag.step, corner, (width * factor, height * factor))
+    chosen = select(bag.coords, bag.side, corner, (width * factor, height * factor))
     pixels = np.zeros((height, width, 4), dtype=np.uint8)  # (h, w, RGBA), transparent
     if chosen.size:
         t = bag.scaled(style.scale, style.vmin, style.vmax)[chosen]  # (K,)
         local = bag.coords[chosen] - np.asarray(corner)  # (K, 2)
-        canvas = paint_tile(local, bag.step, t, (height, width), factor)
+        canvas = paint_tile(local, bag.side, t, (height, width), factor)
         painted = canvas >= 0
         index = np.rint(canvas[painted] * (style.lut.shape[0] - 1)).astype(np.intp)
         pixels[painted, :3] = style.lut[index]
@@ -118,11 +118,11 @@ def outline(bag: ViewBag, pyramid: Pyramid, level: int, col: int, row: int) -> n
     region = np.zeros((height, width), dtype=bool)
     if labelled.size:
         coords = bag.coords[labelled]
-        chosen = select(coords, bag.step, corner, (width * factor, height * factor))
+        chosen = select(coords, bag.side, corner, (width * factor, height * factor))
         if chosen.size:
             local = coords[chosen] - np.asarray(corner)
             ones = np.ones(chosen.shape[0], dtype=np.float32)
-            region = paint_tile(local, bag.step, ones, (height, width), factor) >= 0
+            region = paint_tile(local, bag.side, ones, (height, width), factor) >= 0
     inner = region.copy()
     for d in range(1, pad + 1):  # erosion by a cross, one shift at a time
         inner[d:, :] &= region[:-d, :]

@@ -33,26 +33,30 @@ class ViewRequest:
     patch_size: float | None = None
     dist_thr: float | None = None
     keys: BagKeys = BagKeys()
+    mpp: float | None = None  # µm per level-0 pixel for micrometre coords; overrides the slide's
 
 
 @dataclass
 class ViewBag:
     """One bag as the viewer serves it. Arrays are (N,) over the bag's finite patches, table order.
 
-    coords: (N, 2) level-0 (x, y) of each patch's corner; a patch covers [x, x + step) × [y, y + step).
-    The image is `size` (width, height) pixels whose pixel (0, 0) is level-0 point `origin`.
+    coords: (N, 2) image-space (x, y) of each patch's corner — level-0 pixels on a slide (micrometre
+    tables converted with the MPP), the table's own unit on the patch grid; a patch covers
+    [x, x + side_x) × [y, y + side_y). The image is `size` (width, height) pixels whose pixel
+    (0, 0) is the point `origin`. `bag.coords` keeps the table's own x, y, which the page shows.
     """
 
     index: int
     bag: BagValues
     coords: np.ndarray  # (N, 2) float64
     values: np.ndarray  # (N,) the drawn column
-    step: float
+    side: tuple[float, float]
     origin: tuple[float, float]
     size: tuple[int, int]
     slide: Path | None = None
     percentile: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (N,) in [0, 100]
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.intp))  # highest first
+    notes: list[str] = field(default_factory=list)
     _scales: dict = field(default_factory=dict)
 
     @property
@@ -89,21 +93,26 @@ def rank_percentile(values: np.ndarray) -> np.ndarray:
 
 
 def make_view_bag(
-    index: int, bag: BagValues, slide: Path | None, slide_size: tuple[int, int] | None
+    index: int,
+    bag: BagValues,
+    slide: Path | None,
+    slide_size: tuple[int, int] | None,
+    placed: BagValues | None = None,
+    notes: tuple[str, ...] = (),
 ) -> ViewBag:
-    """A BagValues with its image geometry. slide_size: level-0 (width, height) when on a slide."""
+    """A BagValues with its image geometry. slide_size: level-0 (width, height) when on a slide;
+    placed: the bag with coords in level-0 pixels (smcli.scored.on_level0), when they were not."""
     finite = np.isfinite(bag.values)
     if not finite.any():
         raise BagError(f"{bag.source}: {bag.bag_id}: no finite {bag.column} values to show")
-    # UNITS HOOK (issue 17 section 3): coords are taken as level-0 pixels here; once the units
-    # machinery lands, micrometre coords are converted with the slide's MPP (or --mpp) before this.
-    coords = np.asarray(bag.coords, dtype=np.float64)
+    placed = placed or bag
+    coords = np.asarray(placed.coords, dtype=np.float64)
     values = np.asarray(bag.values, dtype=np.float64)
     if not finite.all():
         keep = np.flatnonzero(finite)
         bag = _subset(bag, keep)
         coords, values = coords[keep], values[keep]
-    step = float(bag.patch_step)
+    side = placed.patch_side
     if slide is not None and slide_size is not None:
         from smcli.slide import check_inside
 
@@ -112,31 +121,29 @@ def make_view_bag(
         size = slide_size
     else:
         low = coords.min(axis=0)
-        high = coords.max(axis=0) + step
+        high = coords.max(axis=0) + np.asarray(side)
         origin = (float(low[0]), float(low[1]))
         size = (max(1, math.ceil(high[0] - low[0])), max(1, math.ceil(high[1] - low[1])))
     logits = bag.scores.get("attention_logit")
     ranked = logits if logits is not None and np.isfinite(logits).all() else values
     percentile = rank_percentile(ranked)
     order = np.argsort(-values, kind="stable")  # highest first, ties: earlier patch first
-    return ViewBag(index, bag, coords, values, step, origin, size, slide, percentile, order)
+    return ViewBag(index, bag, coords, values, side, origin, size, slide, percentile, order, list(notes))
 
 
 def _subset(bag: BagValues, keep: np.ndarray) -> BagValues:
     """The bag restricted to rows `keep` (the finite ones)."""
-    return BagValues(
-        bag.bag_id,
-        bag.source,
-        np.asarray(bag.coords)[keep],
-        bag.values[keep],
-        bag.column,
-        bag.patch_step,
-        None if bag.labels is None else np.asarray(bag.labels)[keep],
-        bag.probability,
-        [
+    import dataclasses
+
+    dropped = bag.values.shape[0] - keep.shape[0]
+    return dataclasses.replace(
+        bag,
+        coords=np.asarray(bag.coords)[keep],
+        values=bag.values[keep],
+        labels=None if bag.labels is None else np.asarray(bag.labels)[keep],
+        warnings=[
             *bag.warnings,
-            f"{bag.source}: {bag.bag_id}: {bag.values.shape[0] - keep.shape[0]} patches "
-            f"without a finite {bag.column} are not shown",
+            f"{bag.source}: {bag.bag_id}: {dropped} patches without a finite {bag.column} are not shown",
         ],
         instances=bag.instance_ids[keep],
         scores={name: column[keep] for name, column in bag.scores.items()},
@@ -160,17 +167,36 @@ def slide_for(request: ViewRequest, bag_id: str, claimed: dict[str, str]) -> Pat
     return request.slide
 
 
-def slide_dimensions(path: Path) -> tuple[int, int]:
-    """Level-0 (width, height) of a slide; BagError when it cannot be opened."""
+def slide_facts(path: Path) -> tuple[tuple[int, int], tuple[float, float] | None]:
+    """Level-0 (width, height) of a slide and its microns per pixel (x, y) or None; BagError when
+    it cannot be opened."""
     from smcli.slide import open_slide
+    from smcli.units import mpp_from_properties
 
     with open_slide(path) as handle:
         width, height = handle.dimensions
-    return int(width), int(height)
+        return (int(width), int(height)), mpp_from_properties(handle.properties)
+
+
+def place(bag: BagValues, mpp: float | None, slide: Path | None, slide_mpp) -> tuple[BagValues, list[str]]:
+    """The bag in level-0 pixels when it goes on a slide (or when --mpp is given), and `note:` lines.
+
+    On the patch grid, micrometre coords need no scale: they are drawn (and shown) as they are.
+    """
+    from smcli.scored import on_level0
+    from smcli.units import PIXELS
+
+    if slide is None and (mpp is None or bag.coords_units == PIXELS):
+        return bag, []
+    placed, note = on_level0(bag, mpp, slide_mpp, slide.name if slide is not None else "")
+    return placed, [note] if note else []
 
 
 def check_request(request: ViewRequest) -> None:
     """UsageError for what cannot work, before anything is read."""
+    from smcli.units import check_mpp_flag
+
+    check_mpp_flag(request.mpp)
     if request.slide is not None:
         from smcli.slide import require_openslide
 
@@ -187,7 +213,7 @@ def load_bags(request: ViewRequest) -> Iterator[ViewBag | Failed]:
         request.inputs, request.model, request.column, request.patch_size, request.dist_thr, request.keys
     )
     claimed: dict[str, str] = {}
-    sizes: dict[Path, tuple[int, int]] = {}
+    facts: dict[Path, tuple[tuple[int, int], tuple[float, float] | None]] = {}
     index = 0
     for item in iter_values(values_request):
         if isinstance(item, Failed):
@@ -195,12 +221,13 @@ def load_bags(request: ViewRequest) -> Iterator[ViewBag | Failed]:
             continue
         try:
             slide = slide_for(request, item.bag_id, claimed)
-            size = None
+            size = slide_mpp = None
             if slide is not None:
-                if slide not in sizes:
-                    sizes[slide] = slide_dimensions(slide)
-                size = sizes[slide]
-            view_bag = make_view_bag(index, item, slide, size)
+                if slide not in facts:
+                    facts[slide] = slide_facts(slide)
+                size, slide_mpp = facts[slide]
+            placed, notes = place(item, request.mpp, slide, slide_mpp)
+            view_bag = make_view_bag(index, item, slide, size, placed, tuple(notes))
         except BagError as err:
             yield Failed(item.source, f"{item.bag_id}: {err}" if item.bag_id not in str(err) else str(err))
             continue

@@ -23,6 +23,16 @@ def _number(value) -> float | int | None:
     return int(number) if number.is_integer() and abs(number) < 2**53 else number
 
 
+def _placed_at(bag: ViewBag) -> str:
+    """'' for pixel coords; else how micrometres were placed, or that they are drawn as they are."""
+    placed = [note for note in bag.notes if "micrometres" in note]
+    if placed:
+        return placed[0].split(": ")[-1]
+    from smcli.units import PIXELS
+
+    return "" if bag.bag.coords_units == PIXELS else f"coords in {bag.bag.coords_units}, drawn as they are"
+
+
 def bag_summary(bag: ViewBag) -> dict:
     """One entry of the bag list."""
     return {
@@ -32,7 +42,9 @@ def bag_summary(bag: ViewBag) -> dict:
         "probability": None if bag.bag.probability is None else _number(bag.bag.probability),
         "patches": int(bag.values.shape[0]),
         "column": bag.bag.column,
-        "step": _number(bag.step),
+        "side": [_number(bag.side[0]), _number(bag.side[1])],
+        "units": bag.bag.coords_units,
+        "placed_at": _placed_at(bag),
         "origin": [_number(bag.origin[0]), _number(bag.origin[1])],
         "width": bag.size[0],
         "height": bag.size[1],
@@ -50,9 +62,10 @@ def patch_record(bag: ViewBag, row: int) -> dict:
     record: dict = {
         "row": int(row),
         "instance": int(source.instance_ids[row]),
-        "x": _number(bag.coords[row, 0]),
-        "y": _number(bag.coords[row, 1]),
-        "step": _number(bag.step),
+        "x": _number(np.asarray(source.coords)[row, 0]),  # the table's own x, y (its unit)
+        "y": _number(np.asarray(source.coords)[row, 1]),
+        # the patch's box in image coordinates (level-0 pixels on a slide), for the page to draw
+        "box": [_number(bag.coords[row, 0]), _number(bag.coords[row, 1]), *map(_number, bag.side)],
     }
     for name in ("attention_logit", "attention_weight"):
         column = source.scores.get(name)
@@ -65,14 +78,15 @@ def patch_record(bag: ViewBag, row: int) -> dict:
 
 
 def patch_at(bag: ViewBag, x: float, y: float) -> dict | None:
-    """The patch whose footprint holds level-0 point (x, y): where footprints overlap, the one with
-    the highest value (the one the attention layer shows there). None where there is no patch."""
+    """The patch whose footprint holds image point (x, y) (level-0 pixels on a slide): where
+    footprints overlap, the one with the highest value (the one the attention layer shows there).
+    None where there is no patch."""
     coords = bag.coords
     hit = np.flatnonzero(
         (coords[:, 0] <= x)
-        & (x < coords[:, 0] + bag.step)
+        & (x < coords[:, 0] + bag.side[0])
         & (coords[:, 1] <= y)
-        & (y < coords[:, 1] + bag.step)
+        & (y < coords[:, 1] + bag.side[1])
     )
     if hit.size == 0:
         return None

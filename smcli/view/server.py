@@ -234,7 +234,7 @@ class Viewer:
             raise NoSuchTile("no thumbnail")
         tiles = self.slide(bag.slide)
         x, y = (int(v) for v in bag.coords[number])
-        size = max(1, round(bag.step))
+        size = max(1, round(max(bag.side)))
         key = ("thumb", bag.slide, x, y, size)
         body = self.cache.get_or_make(key, lambda: tiles.region(x, y, size, THUMB_SIDE))
         return Response(200, body, "image/jpeg")

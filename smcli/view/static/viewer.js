@@ -136,14 +136,16 @@ class Panel {
 
   mark(record) {
     if (!record || !this.viewer.world.getItemAt(0)) { this.viewer.removeOverlay(this.box); return; }
-    const rect = this.rectangle(record.x, record.y, record.step, record.step);
+    const [x, y, width, height] = record.box;
+    const rect = this.rectangle(x, y, width, height);
     if (this.viewer.getOverlayById && this.viewer.getOverlayById(this.box)) this.viewer.updateOverlay(this.box, rect);
     else this.viewer.addOverlay({ element: this.box, location: rect });
   }
 
   goTo(record) {
-    const margin = record.step * 1.5;
-    this.viewer.viewport.fitBounds(this.rectangle(record.x - margin, record.y - margin, record.step + 2 * margin, record.step + 2 * margin));
+    const [x, y, width, height] = record.box;
+    const margin = Math.max(width, height) * 1.5;
+    this.viewer.viewport.fitBounds(this.rectangle(x - margin, y - margin, width + 2 * margin, height + 2 * margin));
   }
 }
 
@@ -248,8 +250,11 @@ function whenLoaded(then) {
 function showBagInfo() {
   const bag = config.bags[state.bag];
   const probability = bag.probability === null ? "" : `<span class="probability">probability ${bag.probability.toFixed(3)}</span> · `;
-  $("bag-info").innerHTML = `${probability}${bag.patches} patches of ${bag.step} px · ${escapeHtml(bag.column)}<br>` +
-    `table ${escapeHtml(bag.source)}` + (bag.slide ? ` · slide ${escapeHtml(bag.slide)}` : " · patch grid (no slide)");
+  const unit = bag.slide ? "px" : bag.units === "micrometres" ? "µm" : "px";
+  const side = bag.side[0] === bag.side[1] ? `${bag.side[0]}` : `${bag.side[0]} × ${bag.side[1]}`;
+  $("bag-info").innerHTML = `${probability}${bag.patches} patches of ${side} ${unit} · ${escapeHtml(bag.column)}<br>` +
+    `table ${escapeHtml(bag.source)}` + (bag.slide ? ` · slide ${escapeHtml(bag.slide)}` : " · patch grid (no slide)") +
+    (bag.placed_at ? `<br>${escapeHtml(bag.placed_at)}` : "");
   const compare = $("compare");
   compare.innerHTML = '<option value="">(none)</option>';
   for (const other of config.bags) {
