@@ -185,8 +185,13 @@ function showHover(records, shown) {
   const rows = HOVER_ROWS.includes(column) ? HOVER_ROWS : [...HOVER_ROWS.slice(0, 5), column, ...HOVER_ROWS.slice(5)];
   body.innerHTML = rows
     .map((name) => `<tr data-name="${name}"><td>${name === "attention_percentile" ? "rank percentile" : name}</td>` +
-      records.map((r) => `<td>${r ? escapeHtml(format(r[name])) : "–"}</td>`).join("") + "</tr>")
+      records.map((r) => `<td>${r ? escapeHtml(shownValue(name, r[name])) : "–"}</td>`).join("") + "</tr>")
     .join("");
+}
+
+// table numbers exactly as the table holds them; the percentile (computed here) to 0.01
+function shownValue(name, value) {
+  return name === "attention_percentile" && typeof value === "number" ? value.toFixed(2) : format(value);
 }
 
 function escapeHtml(text) {
