@@ -184,7 +184,7 @@ def score(
             shard=parse_shard(shard) if shard is not None else None,
         )
         with GUARD.installed():  # SIGINT/SIGTERM: clean up, summarize, exit 130/143
-            run = run_score(request, reporter.report, reporter.start)
+            run = run_score(request, reporter.report, reporter.start, reporter.note)
     except SmcliError as err:
         reporter.finish_quietly()
         raise _exit_on(err) from None
