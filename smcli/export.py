@@ -112,6 +112,89 @@ def pool_config(pool: Any) -> PoolConfig:
     return config
 
 
+# What export understands, as a whitelist: every submodule of the model (its path, with the part
+# names torchmil gives them) must be one of these torch/torchmil classes, and every parameter and
+# buffer must be among the tensors exported. Anything else (an extra child, a subclass with its
+# own forward, a transformer encoder before smcli models one) is refused: exporting the rest
+# would score a different model than the one trained.
+IDENTITY = "torch.nn.modules.linear.Identity"
+LINEAR = "torch.nn.modules.linear.Linear"
+SPECTRAL_PARTS = {
+    "": {LINEAR, "torch.nn.utils.parametrize.ParametrizedLinear"},
+    "parametrizations": {"torch.nn.modules.container.ModuleDict"},
+    "parametrizations.weight": {"torch.nn.utils.parametrize.ParametrizationList"},
+    "parametrizations.weight.0": {"torch.nn.utils.parametrizations._SpectralNorm"},
+}
+SM_PARTS = {"": {"torchmil.nn.sm.Sm"}, "sm": {"torchmil.nn.sm.ApproxSm", "torchmil.nn.sm.ExactSm"}}
+POOL_CLASS = "torchmil.nn.attention.sm_attention_pool.SmAttentionPool"
+SMABMIL_CLASS = "torchmil.models.sm_abmil.SmABMIL"
+IGNORED_CHILDREN = ("criterion",)  # the training loss: not part of the forward, not exported
+
+
+def _prefixed(prefix: str, parts: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {(f"{prefix}.{path}" if path else prefix): classes for path, classes in parts.items()}
+
+
+def pool_parts(prefix: str = "") -> dict[str, set[str]]:
+    """The submodules of torchmil's SmAttentionPool (under `prefix`) and the classes each may be."""
+    parts = {"": {POOL_CLASS}}
+    parts.update(_prefixed("sm", SM_PARTS))
+    parts["sm"] = parts["sm"] | {IDENTITY}  # torchmil's stand-in when there is no Sm
+    for layer in ("proj1", "proj2"):
+        parts.update(_prefixed(layer, SPECTRAL_PARTS))
+    return parts if not prefix else _prefixed(prefix, parts)
+
+
+def smabmil_parts() -> dict[str, set[str]]:
+    parts = {"": {SMABMIL_CLASS}, "feat_ext": {IDENTITY}, "last_layer": {LINEAR}}
+    parts.update(pool_parts("pool"))
+    return parts
+
+
+def _class_name(module: Any) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _count_tensors(module: Any) -> int:
+    return len(list(module.parameters())) + len(list(module.buffers()))
+
+
+def check_understood(model: Any, parts: dict[str, set[str]], exported: set[str]) -> None:
+    """Refuse any submodule, hook, parameter or buffer of `model` that is not in `parts`/`exported`.
+
+    parts: submodule path -> allowed classes ("module.qualname"); exported: the state-dict names
+    smcli rebuilds. Unknown children are named first (with their tensor count), then unknown classes.
+    """
+    modules = [
+        (path, module) for path, module in model.named_modules() if path.split(".")[0] not in IGNORED_CHILDREN
+    ]
+    for path, module in modules:
+        if path not in parts:
+            tensors = _count_tensors(module)
+            raise _fail(
+                f"the model has a part smcli does not know: {path} ({type(module).__name__}, "
+                f"{tensors} tensor{'s' if tensors != 1 else ''}); exporting without it would score a "
+                "different model"
+            )
+    for path, module in modules:
+        if _class_name(module) not in parts[path]:
+            where = path or "the model"
+            expected = " or ".join(sorted(name.rsplit(".", 1)[1] for name in parts[path]))
+            raise _fail(
+                f"{where} is {_class_name(module)}: smcli reproduces only torchmil's {expected} there"
+            )
+        hooks = ("_forward_hooks", "_forward_pre_hooks")
+        if any(getattr(module, name, None) for name in hooks):
+            raise _fail(f"{path or 'the model'} has forward hooks: smcli cannot know what they change")
+    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    extra = sorted(
+        name for name in names if name not in exported and name.split(".")[0] not in IGNORED_CHILDREN
+    )
+    if extra:
+        shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise _fail(f"the model holds tensors smcli does not rebuild ({shown})")
+
+
 def _model_parts(model: Any) -> tuple[Any, bool]:
     """(the SmAttentionPool, whether an SmABMIL head is there); refuses a real feature extractor."""
     if hasattr(model, "pool") and hasattr(model, "last_layer"):  # SmABMIL
@@ -155,6 +238,11 @@ def export_config(
 ) -> tuple[ModelConfig, dict]:
     """The checkpoint config and tensors of a live torchmil model (see `export_torchmil`)."""
     pool, head = _model_parts(model)
+    prefix = "pool." if head else ""
+    exported = {prefix + key for key in pool.state_dict()}
+    if head:
+        exported |= {"last_layer." + key for key in model.last_layer.state_dict()}
+    check_understood(model, smabmil_parts() if head else pool_parts(), exported)
     config = pool_config(pool)
     graph = GraphOptions()
     if dataset is not None:
@@ -166,7 +254,6 @@ def export_config(
     for name, value in (("patch_size", patch_size), ("dist_thr", dist_thr)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise _fail(f"{name} must be positive and finite, got {value!r}")
-    prefix = "pool." if head else ""
     tensors = {prefix + key: value for key, value in pool.state_dict().items()}
     if head:
         tensors.update({"last_layer." + key: value for key, value in model.last_layer.state_dict().items()})
