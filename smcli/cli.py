@@ -307,7 +307,7 @@ def convert(
     pool = result.config.pool
     _stderr(
         f"smcli: wrote {output} from a {result.found} "
-        f"({'SmABMIL' if result.config.head else 'SmAttentionPool'}, in_dim {pool.in_dim}, "
+        f"({result.config.kind}, in_dim {pool.in_dim}, "
         f"att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, alpha {pool.sm_alpha})"
     )
 
@@ -418,12 +418,17 @@ def _inspect_lines(info: dict) -> list[str]:
         graph = info["config"].get("graph", {})
         rows = [
             ("model", f"{info['model']} (in_dim {info['in_dim']}, head {'yes' if info['head'] else 'no'})"),
+            ("layout", info["architecture"]),
             ("pool", ", ".join(f"{k} {v}" for k, v in pool.items())),
             ("graph", ", ".join(f"{k} {v}" for k, v in graph.items())),
             ("parameters", f"{info['n_parameters']:,}"),
             ("sha256", info["sha256"]),
             ("tensors", tensors),
         ]
+        if "transformer" in info["config"]:
+            rows.insert(
+                3, ("transformer", ", ".join(f"{k} {v}" for k, v in info["config"]["transformer"].items()))
+            )
         if info["config"].get("assumed"):  # settings `convert` took from torchmil defaults
             rows.insert(3, ("assumed", ", ".join(info["config"]["assumed"])))
     else:
@@ -642,6 +647,87 @@ def geojson(
     except SmcliError as err:
         raise _exit_on(err) from None
     raise typer.Exit(code=1 if failed else 0)
+
+
+@app.command("view")
+def view(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Scores tables (.csv/.parquet from `smcli score`), or bags with -m.")
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="Checkpoint to score bag inputs with."),
+    ] = None,
+    slide: Annotated[
+        Path | None,
+        typer.Option("--slide", help="Show on this slide, or on <bag_id>.* found in this directory."),
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = 0,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (others can reach anything but 127.0.0.1).")
+    ] = "127.0.0.1",
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable).")
+    ] = None,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, open no browser.")] = False,
+    mpp: MppOption = None,
+    column: ColumnOption = "attention_logit",
+    patch_size: PatchSizeOption = None,
+    dist_thr: DistThrOption = None,
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
+) -> None:
+    """Look at attention in the browser: the slide at every zoom with each patch's attention in place.
+
+    Serves a local web page (nothing loads from the internet) and prints its URL, with a one-time
+    token, as the first line of stdout; Ctrl-C stops it. Hover a patch for its numbers, click a
+    top patch to go there, switch bags, or put two tables of one bag side by side (linked pan and
+    zoom). Without --slide the patch grid is the image. Coords in micrometres are placed on the
+    slide with its microns per pixel, or --mpp. The page needs the token; only the tables and
+    slides named here are served.
+
+    Example:
+        smcli view scores/slide_01.csv scores_abmil/slide_01.csv --slide slides/
+    """
+    from smcli.bags import BagKeys
+    from smcli.view.data import ViewBag, ViewRequest, load_bags
+    from smcli.view.server import LOCAL_NAMES, ServeOptions, serve_until_stopped, start
+
+    try:
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
+        keys = BagKeys(features_key, coords_key, labels_key)
+        request = ViewRequest(inputs, model, slide, column, patch_size, dist_thr, keys, mpp)
+        bags = []
+        for item in load_bags(request):
+            if isinstance(item, ViewBag):
+                bags.append(item)
+                for text in item.bag.warnings:
+                    _stderr(f"warning: {text}")
+                for text in item.notes:
+                    _stderr(f"note: {text}")
+            else:
+                _stderr(f"error: {item.error}")
+        if not bags:
+            from smcli.errors import BagError
+
+            raise BagError("no bag to show")
+        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ())))
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    if host not in LOCAL_NAMES:
+        _stderr(f"warning: listening on {host}: anyone who can reach it and has the URL sees these slides")
+    print(url, flush=True)
+
+    def open_browser() -> None:
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    serve_until_stopped(server, open_browser)
+    raise typer.Exit(code=0)
 
 
 @app.command("evaluate")
