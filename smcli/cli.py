@@ -266,23 +266,35 @@ def convert(
         str | None,
         typer.Option(help="Grid origin: min (CAMELYON16/PANDA datasets) or zero (TRIDENT)."),
     ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse to assume any torchmil default.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Refuse to assume any torchmil default (now the default).")
+    ] = False,
+    assume_defaults: Annotated[
+        bool,
+        typer.Option(
+            "--assume-defaults", help="Take torchmil's default for a setting nothing gives (recorded, noted)."
+        ),
+    ] = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Turn a torchmil SmAttentionPool/SmABMIL training file into an smcli checkpoint.
 
     in_dim, att_dim, spectral norm, trainable alpha and the head are read off the tensors; every
-    other setting comes from a flag, else --config, else the file's hyper_parameters, else
-    torchmil's default, which is then named on one `note:` line (an error with --strict). The file
-    is read with torch.load(weights_only=True): a pickle that tries to run code is refused.
+    other setting comes from a flag, else --config, else the file's hyper_parameters; a setting
+    none of them gives is an error (exit 2, naming the flags), unless --assume-defaults takes
+    torchmil's default, named on one `note:` line and recorded. The file is read with
+    torch.load(weights_only=True): a pickle that tries to run code is refused.
 
     Example:
-        smcli convert smabmil.pt -o model.safetensors --config train_config.json --strict
+        smcli convert smabmil.pt -o model.safetensors --config train_config.json
     """
     from smcli.convert import ConvertOptions
     from smcli.convert import convert as convert_checkpoint
+    from smcli.errors import UsageError
 
     try:
+        if strict and assume_defaults:
+            raise UsageError("--strict and --assume-defaults exclude each other")
         alpha = _parse_alpha(sm_alpha)
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         options = ConvertOptions(
@@ -298,6 +310,7 @@ def convert(
             origin,
             config,
             strict,
+            assume_defaults=assume_defaults,
             overwrite=overwrite,
         )
         result = convert_checkpoint(state_dict, output, options)

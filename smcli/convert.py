@@ -9,7 +9,8 @@ torch.load(weights_only=True): no pickled code ever runs.
 Every setting comes from, in this order: a flag > the --config file (JSON) > hyper_parameters >
 the tensors > torchmil's default. The tensors are facts: a flag, config or hyper_parameters that
 contradicts them is an error. A setting that falls through to torchmil's default is an
-*assumption*: listed in `ConvertResult.assumed`, recorded in the checkpoint, an error with strict.
+*assumption*: an error by default (a different default is a silently different model), allowed
+with `assume_defaults` (then listed in `ConvertResult.assumed` and recorded in the checkpoint).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class ConvertOptions:
     weights: str | None = None
     origin: str | None = None
     config: Path | None = None  # JSON file of torchmil constructor and graph settings
-    strict: bool = False  # an assumption is an error
+    strict: bool = False  # accepted for old scripts: an assumption is an error anyway
+    assume_defaults: bool = False  # take torchmil's default for a setting nothing gives
     overwrite: bool = False  # replace an existing output file
 
     def given(self) -> dict[str, Any]:
@@ -483,14 +485,25 @@ def convert_state(
             raise _fail(path, f"hyper_parameters: {err}") from None
     resolver = _Resolver(sources, path)
     config = resolve(facts, resolver)
-    if options.strict and config.assumed:
-        raise _fail(
-            path,
-            f"--strict: would assume torchmil defaults {', '.join(config.assumed)}; "
-            "give them as flags or in --config",
-        )
+    if options.strict and options.assume_defaults:
+        raise UsageError("--strict and --assume-defaults exclude each other")
+    if config.assumed and not options.assume_defaults:
+        raise _fail(path, missing_settings_message(config.assumed))
     verify_state(build_module(config), state, path)  # every tensor must fit, strictly
     return config, overridden(resolver)
+
+
+def missing_settings_message(assumed: tuple[str, ...]) -> str:
+    """One line: the settings nothing gave, the flag for each, and the way to accept defaults."""
+    names = [item.partition("=")[0] for item in assumed]
+    flags = ", ".join(
+        f"{name} ({'--normalize/--no-normalize' if name == 'normalize' else '--' + name.replace('_', '-')})"
+        for name in names
+    )
+    return (
+        f"the file does not record {flags}; give them as flags or in --config, "
+        f"or pass --assume-defaults to take torchmil's {', '.join(assumed)}"
+    )
 
 
 def convert(pt_path: Path, out: Path, options: ConvertOptions) -> ConvertResult:

@@ -209,7 +209,7 @@ WRITERS = {  # command -> (arguments before -o, output file name)
     "geojson": (lambda given: ["geojson", given["table"]], "tiles.geojson"),
     "convert": (lambda given: ["convert", given["pt"], *CONVERT_FLAGS], "model.safetensors"),
 }
-CONVERT_FLAGS: list[str] = []
+CONVERT_FLAGS = ["--assume-defaults"]
 
 
 @pytest.mark.parametrize("command", WRITERS)
