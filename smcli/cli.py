@@ -688,7 +688,7 @@ def view(
     ] = "127.0.0.1",
     allow_host: Annotated[
         list[str] | None,
-        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable).")
+        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable)."),
     ] = None,
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, open no browser.")] = False,
     mpp: MppOption = None,

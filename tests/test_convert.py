@@ -157,7 +157,10 @@ def test_trainer_ddp_compile_wrappers_convert_and_score_like_torchmil(tmp_path, 
     path = tmp_path / "wrapped.pt"
     torch.save({"model_state_dict": wrapped.state_dict(), "epoch": 9}, path)
     assert next(iter(torch.load(path)["model_state_dict"])).startswith("_orig_mod.module.model.pool.")
-    result = convert(path, tmp_path / "m.safetensors", ConvertOptions(act="gelu", sm_steps=7, **FULL_GRAPH, assume_defaults=True)
+    result = convert(
+        path,
+        tmp_path / "m.safetensors",
+        ConvertOptions(act="gelu", sm_steps=7, **FULL_GRAPH, assume_defaults=True),
     )
     assert result.found == "'model_state_dict' of a checkpoint dict, prefix _orig_mod.module.model. removed"
     assert result.assumed == ("sm_mode=approx",)  # mid read off the spectral-norm layout
@@ -192,7 +195,9 @@ def test_flags_override_config_which_overrides_hyper_parameters(tmp_path, lightn
     )
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"act": "tanh", "sm_steps": 6}))
-    result = convert(path, tmp_path / "m.safetensors", ConvertOptions(act="gelu", config=config, assume_defaults=True))
+    result = convert(
+        path, tmp_path / "m.safetensors", ConvertOptions(act="gelu", config=config, assume_defaults=True)
+    )
     pool = result.config.pool
     assert (pool.act, pool.sm_steps, pool.sm_mode) == ("gelu", 6, "exact")
     assert result.notes == [
@@ -497,7 +502,8 @@ def test_any_wrapper_prefix_and_settings_source_converts_the_same(
     if in_config:
         config_path = tmp_path / "c.json"
         config_path.write_text(json.dumps(in_config))
-    result = convert(path, tmp_path / "m.safetensors", ConvertOptions(config=config_path, **flags, assume_defaults=True)
+    result = convert(
+        path, tmp_path / "m.safetensors", ConvertOptions(config=config_path, **flags, assume_defaults=True)
     )
 
     stated = {
