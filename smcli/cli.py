@@ -662,10 +662,14 @@ def view(
     ] = "127.0.0.1",
     allow_host: Annotated[
         list[str] | None,
-        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable).")
+        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable)."),
     ] = None,
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, open no browser.")] = False,
     mpp: MppOption = None,
+    norm: NormOption = "rank",
+    cmap: CmapOption = "inferno",
+    vmin: VminOption = None,
+    vmax: VmaxOption = None,
     column: ColumnOption = "attention_logit",
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
@@ -678,7 +682,8 @@ def view(
     Serves a local web page (nothing loads from the internet) and prints its URL, with a one-time
     token, as the first line of stdout; Ctrl-C stops it. Hover a patch for its numbers, click a
     top patch to go there, switch bags, or put two tables of one bag side by side (linked pan and
-    zoom). Without --slide the patch grid is the image. Coords in micrometres are placed on the
+    zoom). --norm, --cmap and --vmin/--vmax set how the page starts (as for heatmap); the page
+    changes them. Without --slide the patch grid is the image. Coords in micrometres are placed on the
     slide with its microns per pixel, or --mpp. The page needs the token; only the tables and
     slides named here are served.
 
@@ -687,10 +692,19 @@ def view(
     """
     from smcli.bags import BagKeys
     from smcli.view.data import ViewBag, ViewRequest, load_bags
-    from smcli.view.server import LOCAL_NAMES, ServeOptions, serve_until_stopped, start
+    from smcli.view.server import (
+        LOCAL_NAMES,
+        PageSettings,
+        ServeOptions,
+        check_settings,
+        serve_until_stopped,
+        start,
+    )
 
     try:
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
+        settings = PageSettings(norm, cmap, vmin, vmax)
+        check_settings(settings)
         keys = BagKeys(features_key, coords_key, labels_key)
         request = ViewRequest(inputs, model, slide, column, patch_size, dist_thr, keys, mpp)
         bags = []
@@ -707,7 +721,7 @@ def view(
             from smcli.errors import BagError
 
             raise BagError("no bag to show")
-        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ())))
+        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ()), settings=settings))
     except SmcliError as err:
         raise _exit_on(err) from None
     if host not in LOCAL_NAMES:

@@ -14,6 +14,7 @@ named on the command line are ever read. Tiles go through one size-limited cache
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import re
@@ -83,8 +84,12 @@ def _text(status: int, message: str) -> Response:
 class Viewer:
     """The state behind the routes: the bags, one SlideTiles per slide file, the tile cache."""
 
-    def __init__(self, bags: list[ViewBag], cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(
+        self, bags: list[ViewBag], cache_bytes: int = CACHE_BYTES, settings: PageSettings | None = None
+    ) -> None:
         self.bags = bags
+        self.settings = settings or PageSettings()
+        self.colormaps = tuple(dict.fromkeys((*COLORMAPS, self.settings.cmap)))
         self.cache = TileCache(cache_bytes)
         self._slides: dict[Path, SlideTiles] = {}
         self._luts: dict[str, object] = {}
@@ -102,8 +107,8 @@ class Viewer:
             return found
 
     def lut(self, name: str):
-        """(256, 3) uint8 colours of one of COLORMAPS (matplotlib's), made once."""
-        if name not in COLORMAPS:
+        """(256, 3) uint8 colours of one of the page's colour maps (matplotlib's), made once."""
+        if name not in self.colormaps:
             raise BadRequest(f"unknown colour map {name!r}")
         with self._lock:
             if name not in self._luts:
@@ -129,7 +134,7 @@ class Viewer:
                     return getattr(self, f"route_{name}")(*found.groups(), query=query)
                 except NoSuchTile:
                     return _text(404, "not found")
-                except BadRequest as err:
+                except (BadRequest, UsageError) as err:
                     return _text(400, f"bad request: {err}")
         return _text(404, "not found")
 
@@ -154,7 +159,7 @@ class Viewer:
         colour maps take a few hundred ms, which the first screen should not wait for)."""
         colormaps = {
             name: ["#%02x%02x%02x" % tuple(int(c) for c in rgb) for rgb in self.lut(name)]  # noqa: UP031
-            for name in COLORMAPS
+            for name in self.colormaps
         }
         labels = source_labels(self.bags)
         data = {
@@ -165,6 +170,7 @@ class Viewer:
             "colormaps": colormaps,
             "scales": list(SCALES),
             "tile_size": Pyramid(1, 1).tile,
+            "settings": dataclasses.asdict(self.settings),
         }
         return json.dumps(data, allow_nan=False).encode()
 
@@ -371,18 +377,38 @@ class ViewServer(ThreadingHTTPServer):
 
 
 @dataclass(frozen=True)
+class PageSettings:
+    """How the page starts (--norm, --cmap, --vmin/--vmax); the page's own controls change them."""
+
+    scale: str = "rank"
+    cmap: str = "inferno"
+    vmin: float | None = None
+    vmax: float | None = None
+
+
+def check_settings(settings: PageSettings) -> None:
+    """UsageError for a scale or colour map the page cannot start with (as heatmap checks them)."""
+    from smcli.heatmap import check_scale, colour_map
+
+    check_scale(settings.scale, settings.vmin, settings.vmax)
+    colour_map(settings.cmap)
+
+
+@dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 0
     allow_hosts: tuple[str, ...] = ()
     cache_bytes: int = CACHE_BYTES
+    settings: PageSettings = PageSettings()
 
 
 def start(bags: list[ViewBag], options: ServeOptions) -> tuple[ViewServer, str]:
     """Bind the server (not serving yet) and make its token; returns it and the URL to open."""
     if not 0 <= options.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {options.port}")
-    viewer = Viewer(bags, options.cache_bytes)
+    check_settings(options.settings)
+    viewer = Viewer(bags, options.cache_bytes, options.settings)
     token = secrets.token_urlsafe(24)
     allowed = frozenset(name.lower() for name in (*LOCAL_NAMES, options.host, *options.allow_hosts))
     try:
