@@ -403,3 +403,20 @@ def test_start_settings_reach_the_page(files):
     ]:
         with pytest.raises(UsageError, match=message):
             start(bags, ServeOptions(settings=bad))
+
+
+def test_the_first_view_is_in_the_cache_before_the_url_is_printed(files):
+    from smcli.view.tiles import Pyramid
+
+    bags = bags_of(files["folder"] / "sm" / "slide_a.csv", slide=files["slide"])
+    with serving(bags) as (running, url):
+        pyramid = Pyramid(WIDTH, HEIGHT)  # 2048 px: every level is at most PREWARM_SIDE
+        tiles = sum(-(-w // 256) * -(-h // 256) for w, h in map(pyramid.level_size, range(12)))
+        cache = running.viewer.cache
+        assert len(cache) == 2 * tiles  # slide and attention tile of each
+        # what the page asks first is served from there: the cache does not grow
+        assert get(url, "/api/bags/0/attention/11/4_3.png?cmap=inferno&scale=rank&labels=0&fade=1")[0] == 200
+        assert get(url, "/api/bags/0/slide/11/4_3.jpeg")[0] == 200
+        assert len(cache) == 2 * tiles
+        get(url, "/api/bags/0/attention/11/4_3.png?cmap=viridis&scale=rank&labels=0&fade=1")
+        assert len(cache) == 2 * tiles + 1

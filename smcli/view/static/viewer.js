@@ -71,8 +71,7 @@ class Panel {
       element: section.querySelector(".osd"),
       prefixUrl: "static/openseadragon/images/",
       drawer: "canvas",
-      showNavigator: true,
-      navigatorPosition: "BOTTOM_RIGHT",
+      showNavigator: false, // its own copy of both layers would double the first screen's low-level tiles
       visibilityRatio: 0.5,
       maxZoomPixelRatio: 4,
       animationTime: 0.5,
