@@ -306,7 +306,8 @@ async function main() {
   if (!config.scales.includes(state.scale)) state.scale = start.scale;
   if (state.vmin === null && state.vmax === null && start.vmin !== null) { state.vmin = start.vmin; state.vmax = start.vmax; }
   const bag = config.bags[state.bag];
-  if (state.opacity === null) state.opacity = 90; // with fade: 0.15 at the bottom of the scale to 0.9 at the top, as heatmap
+  // over a slide, with fade: 0.15 at the bottom of the scale to 0.9 at the top, as heatmap; the grid opaque
+  if (state.opacity === null) state.opacity = bag.slide ? 90 : 100;
   if (state.fade === null) state.fade = Boolean(bag.slide); // on the grid, low values must not look like "no patch"
   if (state.vmin === null) state.vmin = bag.min;
   if (state.vmax === null) state.vmax = bag.max;
