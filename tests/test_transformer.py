@@ -355,3 +355,110 @@ def test_inspect_shows_the_architecture(tmp_path):
         "10 steps (late); spectral norm] -> Linear [12 -> 1]"
     )
     assert lines["transformer"].startswith("add_self True, att_dim 12, dropout 0.0, in_dim 12, n_heads 3")
+
+
+def _saved_training_file(tmp_path, model, name="t.pt"):
+    """What a Trainer run leaves: the state dict under `state_dict`, keys prefixed `model.`."""
+    path = tmp_path / name
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def _convert(*args):
+    return CliRunner().invoke(app, ["convert", *map(str, args)])
+
+
+def test_convert_with_n_heads_and_config_scores_like_torchmil(tmp_path, bag_file):
+    config = ("exact", 0.4, 2, IN_DIM, True, False, "approx", "mid", True)
+    model = torchmil_transformer(config, seed=9, n_heads=3)
+    settings = {
+        "transf_sm_mode": "exact",
+        "transf_sm_alpha": 0.4,
+        "transf_add_self": False,
+        "pool_sm_where": "mid",
+        "pool_sm_mode": "approx",
+        "pool_sm_steps": 10,
+        "pool_act": "tanh",
+        "pool_spectral_norm": True,
+        "patch_size": PATCH,
+        "dist_thr": 2**0.5,
+        "normalize": True,
+        "weights": "binary",
+        "origin": "min",
+    }
+    (tmp_path / "c.json").write_text(json.dumps(settings))
+    out = tmp_path / "t.safetensors"
+    result = _convert(
+        _saved_training_file(tmp_path, model),
+        "-o",
+        out,
+        "--n-heads",
+        3,
+        "--config",
+        tmp_path / "c.json",
+        "--strict",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "SmTransformerABMIL" in result.stderr
+    loaded = load_model(out)
+    assert loaded.config.transformer == TransformerConfig(
+        IN_DIM, IN_DIM, 2, 3, True, False, 0.0, 0.4, "exact", 10
+    )
+    coords = tricky_coords(4)
+    features = torch.randn(len(coords), IN_DIM)
+    expected_logit, expected = torchmil_scores(model, features, coords, dense=True)
+    scored = score_bag(loaded, load_bag(bag_file("b", features, coords)))
+    assert np.abs(scored.table["attention_logit"].to_numpy() - expected).max() <= 1e-5
+    assert abs(scored.summary.logit - expected_logit) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "args,settings,message",
+    [
+        (
+            [],
+            {},
+            "n_heads is not in the tensors: give --n-heads (or transf_n_heads in --config); "
+            "it must divide att_dim 8",
+        ),
+        (["--n-heads", 3], {}, "transformer att_dim 8 is not divisible by n_heads 3"),
+        (
+            ["--n-heads", 2],
+            {"transf_att_dim": 16},
+            "config CONFIG: transf_att_dim 16 contradicts the tensors: they have transf_att_dim 8",
+        ),
+        (
+            ["--n-heads", 2],
+            {"transf_sm_alpha": 0.5},
+            "config CONFIG: transf_sm_alpha 0.5 contradicts the tensors: the encoder's sm.sm.coef is there, "
+            "so its alpha was trainable",
+        ),
+    ],
+)
+def test_convert_refuses_a_transformer_it_cannot_pin_down(tmp_path, args, settings, message):
+    model = torchmil_transformer(("approx", "trainable", 1, 8, True, True, "approx", "early", False))
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(settings))
+    pt = _saved_training_file(tmp_path, model)
+    result = _convert(pt, "-o", tmp_path / "m.safetensors", "--config", config, *args)
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {pt}: {message.replace('CONFIG', str(config))}\n"
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_convert_notes_the_dropout_and_the_assumed_encoder_defaults(tmp_path):
+    model = torchmil_transformer(
+        ("approx", "trainable", 1, 8, True, True, "approx", "early", False), dropout=0.2
+    )
+    pt = _saved_training_file(tmp_path, model)
+    (tmp_path / "c.json").write_text(json.dumps({"transf_dropout": 0.2}))  # the tensors cannot say it
+    result = _convert(pt, "-o", tmp_path / "m.safetensors", "--n-heads", 2, "--config", tmp_path / "c.json")
+    assert result.exit_code == 0
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"note: {pt}: assumed torchmil defaults act=tanh, sm_mode=approx")
+    assert lines[0].endswith("transf_add_self=true, transf_sm_mode=approx, transf_sm_steps=10")
+    assert lines[1] == (
+        f"note: {pt}: the transformer's dropout 0.2 is not applied: torchmil passes it to "
+        "scaled_dot_product_attention even in eval mode (its own eval scores are random); smcli scores "
+        "the deterministic model without dropout"
+    )
