@@ -138,6 +138,12 @@ def _with_extra_child() -> torch.nn.Module:
     return model
 
 
+def _transformer_with_extra_child() -> torch.nn.Module:
+    model = TorchmilSmTransformerABMIL((IN_DIM,), transf_att_dim=8, transf_n_heads=2)
+    model.transformer_encoder.extra = torch.nn.Linear(2, 2)
+    return model
+
+
 def _with_hook() -> torch.nn.Module:
     model = TorchmilPool(IN_DIM, 5)
     model.proj1.register_forward_hook(lambda module, inputs, output: output * 2)
@@ -160,9 +166,9 @@ def _with_parameterless_extractor() -> torch.nn.Module:
     "build,message",
     [
         (
-            lambda: TorchmilSmTransformerABMIL((IN_DIM,), transf_att_dim=8, transf_n_heads=2),
-            r"^export_torchmil: the model has a part smcli does not know: transformer_encoder "
-            r"\(SmTransformerEncoder, 16 tensors\); exporting without it would score a different model$",
+            _transformer_with_extra_child,
+            r"^export_torchmil: the model has a part smcli does not know: transformer_encoder\.extra "
+            r"\(Linear, 2 tensors\); exporting without it would score a different model$",
         ),
         (_with_extra_child, r"a part smcli does not know: extra \(Linear, 2 tensors\)"),
         (lambda: _SubclassedPool(IN_DIM, 5), r"the model is tests\.test_export\._SubclassedPool: smcli "),
