@@ -117,15 +117,17 @@ def run_score(
     request: ScoreRequest,
     report: Callable[[BagResult], None],
     start: Callable[[int], None] = lambda total: None,
+    note: Callable[[str], None] = lambda text: None,
 ) -> RunSummary:
     """Score every selected bag into the requested sink.
 
-    `start(total)` is called once the bags are known; `report(result)` after each bag lands.
+    `start(total)` is called once the bags are known; `report(result)` after each bag lands;
+    `note(text)` with anything the user should know about the run as a whole (e.g. a CPU fallback).
     """
     from smcli.checkpoint import load_model
 
     paths = select_shard(collect_inputs(request.inputs), request.shard)
-    device = resolve_device(request.device)
+    device = resolve_device(request.device, note)
     model = load_model(request.model, device)
     sink = open_sink(request)
     sink.model_config_json = model.config.to_json()

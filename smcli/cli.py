@@ -29,7 +29,7 @@ def _print_version(value: bool) -> None:
     if value:
         from smcli import __version__  # the package root only: no numpy, no torch
 
-        typer.echo(f"smcli {__version__}")
+        _data(f"smcli {__version__}")
         raise typer.Exit()
 
 
@@ -67,6 +67,14 @@ FeaturesKeyOption = Annotated[
 CoordsKeyOption = Annotated[str, typer.Option("--coords-key", help="Name of the coordinates tensor/dataset.")]
 LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 0/1 instance labels.")]
 ColumnOption = Annotated[str, typer.Option("--column", help="Table column to draw.")]
+MppOption = Annotated[
+    float | None,
+    typer.Option(
+        "--mpp",
+        help="Micrometres per level-0 pixel of the slide, for coords in micrometres (STAMP); "
+        "overrides the slide's openslide.mpp-x/y.",
+    ),
+]
 
 
 def _stderr(message: str) -> None:
@@ -176,7 +184,7 @@ def score(
             shard=parse_shard(shard) if shard is not None else None,
         )
         with GUARD.installed():  # SIGINT/SIGTERM: clean up, summarize, exit 130/143
-            run = run_score(request, reporter.report, reporter.start)
+            run = run_score(request, reporter.report, reporter.start, reporter.note)
     except SmcliError as err:
         reporter.finish_quietly()
         raise _exit_on(err) from None
@@ -368,10 +376,20 @@ def inspect_files(
             info, failed = {"path": str(path), "kind": "error", "error": str(err)}, True
         documents.append(info)
         if not as_json and info["kind"] != "error":
-            typer.echo("\n".join(_inspect_lines(info)))
+            _data("\n".join(_inspect_lines(info)))
     if as_json:
-        typer.echo(json.dumps(documents, indent=2))
+        _data(json.dumps(documents, indent=2))
     raise typer.Exit(code=1 if failed else 0)
+
+
+def _data(text: str) -> None:
+    """One block of data on stdout, every byte or an error line (full disk) / quiet exit 1 (EPIPE)."""
+    from smcli.files import write_stdout
+
+    try:
+        write_stdout((text + "\n").encode("utf-8", "surrogateescape"))  # file names: their own bytes
+    except SmcliError as err:
+        raise _exit_on(err) from None
 
 
 def _inspect_lines(info: dict) -> list[str]:
@@ -452,6 +470,7 @@ def heatmap(
         int | None,
         typer.Option("--top-patches", help="With --slide: cut the K highest patches at level 0, as PNGs."),
     ] = None,
+    mpp: MppOption = None,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
@@ -465,6 +484,7 @@ def heatmap(
     means no patch. With --slide the patches' level-0 footprints are blended over the slide's
     thumbnail (--max-side, --alpha); areas without patches show the slide as it is. For tables the
     patch step is --patch-size, else the one the score run recorded, else inferred from x, y.
+    Coords in micrometres (STAMP) are placed with the slide's microns per pixel, or --mpp.
 
     Example:
         smcli heatmap scores/ -o heatmaps/ --slide slides/ --top-patches 12
@@ -490,8 +510,11 @@ def heatmap(
             max_side=max_side,
             alpha=alpha,
             top_patches=top_patches,
+            mpp=mpp,
         )
         for result in run_heatmap(request):
+            for text in result.notes:
+                _stderr(f"note: {text}")
             for text in result.warnings:
                 _stderr(f"warning: {text}")
             if result.error:
@@ -530,6 +553,13 @@ def geojson(
     detection: Annotated[
         bool, typer.Option("--detection", help="QuPath detections instead of tiles.")
     ] = False,
+    slide: Annotated[
+        Path | None,
+        typer.Option(
+            "--slide", help="The slide (or a directory of <bag_id>.* slides): its MPP, and a bounds check."
+        ),
+    ] = None,
+    mpp: MppOption = None,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
@@ -540,7 +570,8 @@ def geojson(
 
     Each tile carries measurements attention_logit, attention_weight and attention_percentile
     (colour by them in QuPath); the --top-k highest are classified "Top attention". Drag the file
-    onto the slide in QuPath to see the tiles in place.
+    onto the slide in QuPath to see the tiles in place. Coords in micrometres (STAMP) are turned
+    into level-0 pixels with the --slide's microns per pixel, or --mpp; with neither, the bag fails.
 
     Example:
         smcli geojson scores/slide_01.csv -o slide_01.geojson --top-k 20 --min-percentile 50
@@ -561,8 +592,12 @@ def geojson(
             patch_size,
             dist_thr,
             BagKeys(features_key, coords_key, labels_key),
+            slide=slide,
+            mpp=mpp,
         )
         for result in run_geojson(request):
+            for text in result.notes:
+                _stderr(f"note: {text}")
             if result.error:
                 failed = True
                 _stderr(f"error: {result.error}")

@@ -138,10 +138,11 @@ def read_training_file(path: Path) -> tuple[dict, dict, str]:
     """(state dict with wrappers and prefixes removed, hyper_parameters or {}, what was found)."""
     import pickle
 
-    import torch
+    from smcli.backends.torch_device import require_torch
 
     if not path.is_file():
         raise _fail(path, "no such file")
+    torch = require_torch(f"{path}: reading a .pt/.ckpt training file")
     try:
         with torch.serialization.safe_globals([(dict, name) for name in LIGHTNING_DICTS]):
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -1,17 +1,20 @@
-"""File safety on the ground floor: atomic writes (temporary file + rename) and safe output names.
+"""File safety on the ground floor: atomic writes (temporary file + rename), safe output names,
+and stdout writes that either deliver every byte or raise.
 
 Every module that writes a file (tables, checkpoints, bags, images) uses `atomic_path`, so a reader
 never sees half a file and an interrupted run leaves no partial output under the final name.
+Every writer of data to stdout uses `write_stdout`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from smcli.errors import OutputError
+from smcli.errors import OutputError, StdoutClosed
 from smcli.interrupts import GUARD
 
 MAX_BAG_ID_BYTES = 200  # leaves room for the suffix and the temporary-file prefix in a 255-byte name
@@ -68,3 +71,51 @@ def per_bag_target(output: Path, bag_id: str, suffix: str) -> Path:
     if not safe_bag_id(bag_id):
         raise OutputError(f"{output}: bag_id {bag_id!r} cannot be used as a file name")
     return output / f"{bag_id}{suffix}"
+
+
+def write_stdout(data: bytes) -> None:
+    """Write all of `data` to stdout, or raise: StdoutClosed when the reader went away (EPIPE),
+    OutputError naming stdout for any other failure (ENOSPC, EFBIG under `ulimit -f`, EIO).
+
+    Why not `sys.stdout.buffer.write`: after a partial write (a file that hits `ulimit -f` or a
+    nearly full disk) it may return a short count and drop the rest without raising. Here every
+    short count is followed by another write of the rest, which then fails with the real errno.
+    """
+    import sys
+
+    stream = sys.stdout
+    try:
+        stream.flush()  # text already printed goes first, in order
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):  # no real descriptor (e.g. a test runner's buffer)
+        fd = -1
+    try:
+        if fd < 0:
+            _write_all(stream.buffer.write, data)
+            stream.buffer.flush()
+        else:
+            _write_all(lambda chunk: os.write(fd, chunk), data, fd)
+    except BrokenPipeError:
+        raise StdoutClosed("stdout: the reader closed the pipe") from None
+    except OSError as err:
+        raise OutputError(f"stdout: cannot write ({err.strerror or type(err).__name__})") from None
+
+
+def _write_all(write: Callable[[memoryview], int | None], data: bytes, fd: int = -1) -> None:
+    """Call `write` on the unwritten rest until none is left (short counts are normal for pipes)."""
+    import select
+
+    view = memoryview(data)
+    while view:
+        try:
+            written = write(view)
+        except BlockingIOError:  # a non-blocking stdout that is full: wait until it drains
+            if fd < 0:
+                raise
+            select.select([], [fd], [])
+            continue
+        if written is None:  # a raw stream that would block
+            continue
+        if written <= 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))  # no progress and no errno: never spin
+        view = view[written:]

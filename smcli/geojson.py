@@ -1,7 +1,9 @@
 """Per-patch attention as GeoJSON that QuPath imports: one square tile per patch, in place on the slide.
 
-One FeatureCollection per bag. Each Feature is a closed square Polygon in level-0 pixel coordinates
-(the patch's stored x, y; side = the patch step) whose properties are what QuPath reads:
+One FeatureCollection per bag. Each Feature is a closed square Polygon in level-0 pixel coordinates,
+always (what QuPath expects): the patch's x, y and side (the patch step) as stored when they are
+pixels; micrometre coords (STAMP) divided by the slide's MPP (`--slide`) or `--mpp` (smcli.units).
+Its properties are what QuPath reads:
 `objectType` ("tile", or "detection"), `name`, `measurements` {attention_logit, attention_weight,
 attention_percentile} to colour by, and for the top-K patches a `classification` {name, color} so
 they stand out. Dragging the file onto the slide in QuPath shows the tiles over the tissue.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,9 @@ import numpy as np
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
 from smcli.files import per_bag_target
-from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, prepare_output
+from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, on_level0, prepare_output
+from smcli.slide import SlideFinder
+from smcli.units import PIXELS, check_mpp_flag, mpp_from_properties
 
 TOP_CLASS = {"name": "Top attention", "color": [255, 0, 0]}
 OBJECT_TYPES = ("tile", "detection")
@@ -36,6 +40,8 @@ class GeoJsonRequest:
     patch_size: float | None = None
     dist_thr: float | None = None
     keys: BagKeys = BagKeys()
+    slide: Path | None = None  # the slide (file, or directory of <bag_id>.*): its MPP, its bounds
+    mpp: float | None = None  # µm per level-0 pixel; overrides the slide's (micrometre coords only)
 
 
 @dataclass
@@ -45,6 +51,7 @@ class GeoJsonResult:
     written: Path | None = None
     n_features: int = 0
     error: str = ""
+    notes: list[str] = field(default_factory=list)  # the MPP used, when coords were micrometres
 
 
 def rank_percentile(values: np.ndarray) -> np.ndarray:
@@ -65,8 +72,13 @@ def _numbers(values: np.ndarray) -> list:
 
 
 def feature_collection(bag: BagValues, top_k: int, min_percentile: float, object_type: str) -> dict:
-    """The bag's patches as a GeoJSON FeatureCollection (a dict ready for json.dump)."""
+    """The bag's patches as a GeoJSON FeatureCollection (a dict ready for json.dump).
+
+    bag: in level-0 pixels (see `place`); a bag still in other units is refused.
+    """
     where = f"{bag.source}: {bag.bag_id}"
+    if bag.coords_units != PIXELS:
+        raise BagError(f"{where}: coords in {bag.coords_units}: place them in level-0 pixels first")
     logits = bag.scores.get("attention_logit")
     weights = bag.scores.get("attention_weight")
     if logits is None or weights is None:
@@ -74,7 +86,7 @@ def feature_collection(bag: BagValues, top_k: int, min_percentile: float, object
     if not (np.isfinite(logits).all() and np.isfinite(weights).all()):
         raise BagError(f"{where}: attention values must be finite")
     coords = np.asarray(bag.coords, dtype=np.float64)  # (N, 2) level-0 (x, y)
-    step = float(bag.patch_step)
+    side_x, side_y = bag.patch_side
     percentile = rank_percentile(logits)  # (N,)
     top = np.zeros(logits.shape[0], dtype=bool)
     top[np.argsort(-logits, kind="stable")[:top_k]] = True
@@ -84,8 +96,8 @@ def feature_collection(bag: BagValues, top_k: int, min_percentile: float, object
         bag.instance_ids[keep].tolist(),
         _numbers(coords[keep, 0]),
         _numbers(coords[keep, 1]),
-        _numbers(coords[keep, 0] + step),
-        _numbers(coords[keep, 1] + step),
+        _numbers(coords[keep, 0] + side_x),
+        _numbers(coords[keep, 1] + side_y),
         logits[keep].tolist(),
         weights[keep].tolist(),
         percentile[keep].tolist(),
@@ -115,6 +127,22 @@ def feature_collection(bag: BagValues, top_k: int, min_percentile: float, object
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+def place(bag: BagValues, mpp: float | None, slide_path: Path | None) -> tuple[BagValues, str]:
+    """The bag in level-0 pixels (GeoJSON is always in level-0 pixels: what QuPath expects) and the
+    `note:` line naming the MPP used. With a slide, its MPP (unless --mpp) and its bounds: patches
+    outside the slide are that bag's error. BagError when micrometre coords have no MPP."""
+    if slide_path is None:
+        return on_level0(bag, mpp, None)
+    from smcli.slide import check_inside, open_slide
+
+    with open_slide(slide_path) as handle:
+        slide_mpp = mpp_from_properties(handle.properties)
+        size = (int(handle.dimensions[0]), int(handle.dimensions[1]))
+    placed, note = on_level0(bag, mpp, slide_mpp, slide_path.name)
+    check_inside(placed.coords, size, f"{bag.source}: {bag.bag_id}", slide_path)
+    return placed, note
 
 
 def target_path(output: Path, bag_id: str) -> Path:
@@ -152,13 +180,27 @@ def run_geojson(request: GeoJsonRequest) -> Iterator[GeoJsonResult]:
         output=request.output,
         single_suffix=".geojson",
     )
+    check_mpp_flag(request.mpp)
+    if request.slide is not None:
+        from smcli.slide import require_openslide
+
+        require_openslide()
+        if not request.slide.exists():
+            raise UsageError(f"{request.slide}: no such slide file or directory")
     prepare_output(values_request)
+    slide_for = None if request.slide is None else SlideFinder(request.slide)
     for item in iter_values(values_request):
         if isinstance(item, Failed):
             yield GeoJsonResult(item.source, error=item.error)
             continue
         result = GeoJsonResult(item.source, item.bag_id)
         try:
+            slide_path = (
+                None if slide_for is None else slide_for(item.bag_id, f"{item.source}: {item.bag_id}")
+            )
+            item, note = place(item, request.mpp, slide_path)
+            if note:
+                result.notes.append(note)
             document = feature_collection(item, request.top_k, request.min_percentile, request.object_type)
             path = target_path(request.output, item.bag_id)
             write_json(document, path)

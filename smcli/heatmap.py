@@ -30,7 +30,9 @@ import numpy as np
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
 from smcli.files import per_bag_target
-from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, prepare_output
+from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, on_level0, prepare_output
+from smcli.slide import SlideFinder
+from smcli.units import SHORT, check_mpp_flag
 
 NORMS = ("raw", "minmax", "rank", "log")
 DEFAULT_CMAP = "inferno"
@@ -213,7 +215,8 @@ def render_grid(bag: BagValues, norm: str = "rank", outline: bool = False, cmap_
     outlined = outline and labels is not None
     if outline and labels is not None:
         pixels[outline_mask(cells, labels, nx, ny, cell)] = OUTLINE
-    subtitle = f"{bag.column}, {scale.caption}; {values.shape[0]} patches, step {bag.patch_step:g}"
+    unit = SHORT.get(bag.coords_units, bag.coords_units)
+    subtitle = f"{bag.column}, {scale.caption}; {values.shape[0]} patches, step {bag.patch_step:g} {unit}"
     return compose(pixels, scale, cmap, _title(bag), subtitle, outlined, checker_legend=True)
 
 
@@ -296,13 +299,14 @@ def render_overlay(
     scale = normalize(values, norm, where)
     cmap = colour_map(cmap_name)
     try:
-        canvas = paint(coords, bag.patch_step, scale.t, thumbnail.pixels.shape[:2], thumbnail.scale)
+        canvas = paint(coords, bag.patch_side, scale.t, thumbnail.pixels.shape[:2], thumbnail.scale)
     except BagError as err:
         raise BagError(f"{where}: {err}") from None
     pixels = blend(thumbnail.pixels, canvas, lookup_table(cmap), alpha)
     width, height = thumbnail.level0_size
+    converted = f" (from µm at {bag.converted_at})" if bag.converted_at else ""
     subtitle = (
-        f"{bag.column}, {scale.caption}; {values.shape[0]} patches of {bag.patch_step:g} px "
+        f"{bag.column}, {scale.caption}; {values.shape[0]} patches of {bag.patch_step:.4g} px{converted} "
         f"on {thumbnail.path.name} ({width} x {height} px, shown 1:{thumbnail.scale[0]:.3g})"
     )
     return compose(pixels, scale, cmap, _title(bag), subtitle)
@@ -353,11 +357,13 @@ class HeatmapRequest:
     max_side: int = 2000
     alpha: float = 0.4
     top_patches: int | None = None
+    mpp: float | None = None  # µm per level-0 pixel; overrides the slide's (micrometre coords only)
 
 
 @dataclass
 class HeatmapResult:
-    """One bag drawn (written set, plus top-patch files) or failed (error set); warnings either way."""
+    """One bag drawn (written set, plus top-patch files) or failed (error set); warnings either way,
+    and `notes` (the MPP used to place micrometre coords on the slide)."""
 
     source: Path
     bag_id: str | None = None
@@ -365,6 +371,7 @@ class HeatmapResult:
     error: str = ""
     warnings: list[str] = field(default_factory=list)
     top: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def target_path(output: Path, bag_id: str) -> Path:
@@ -411,6 +418,7 @@ def check_request(request: HeatmapRequest) -> None:
     colour_map(request.cmap)
     if not 0.0 <= request.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], got {request.alpha}")
+    check_mpp_flag(request.mpp)
     if request.top_patches is not None:
         if request.slide is None:
             raise UsageError("--top-patches needs --slide: the patches are cut from the slide")
@@ -442,42 +450,42 @@ def run_heatmap(request: HeatmapRequest) -> Iterator[HeatmapResult]:
         single_suffix=".png",
     )
     prepare_output(values_request)
-    one_slide_for = None  # the bag a single --slide file was used for: it cannot be every bag's slide
+    slide_for = None if request.slide is None else SlideFinder(request.slide)
     for item in iter_values(values_request):
         if isinstance(item, Failed):
             yield HeatmapResult(item.source, error=item.error)
             continue
         result = HeatmapResult(item.source, item.bag_id, warnings=list(item.warnings))
         try:
-            if request.slide is not None and not request.slide.is_dir():
-                if one_slide_for is not None:
-                    raise BagError(
-                        f"{item.source}: {item.bag_id}: --slide {request.slide} is the slide of "
-                        f"{one_slide_for}; give a directory of slides to draw several bags"
-                    )
-                one_slide_for = item.bag_id
-            draw_bag(item, request, result)
+            slide_path = (
+                None if slide_for is None else slide_for(item.bag_id, f"{item.source}: {item.bag_id}")
+            )
+            draw_bag(item, request, result, slide_path)
         except (BagError, OutputError) as err:
             result.error = str(err)
         yield result
 
 
-def draw_bag(bag: BagValues, request: HeatmapRequest, result: HeatmapResult) -> None:
+def draw_bag(
+    bag: BagValues, request: HeatmapRequest, result: HeatmapResult, slide_path: Path | None = None
+) -> None:
     """Write one bag's PNG (and its top patches); fills result.written / result.top."""
     path = target_path(request.output, bag.bag_id)
-    if request.slide is None:
+    if slide_path is None:
         if request.labels and bag.labels is None:
             result.warnings.append(f"{bag.source}: {bag.bag_id}: no labels to outline")
         picture = render_grid(bag, request.norm, request.labels, request.cmap)
         save_rgb(picture.render(), path)
         result.written = path
         return
-    from smcli.slide import find_slide, read_thumbnail
+    from smcli.slide import read_thumbnail
 
     if request.labels:
         result.warnings.append(f"{bag.source}: {bag.bag_id}: --labels outlines the grid picture only")
-    slide_path = find_slide(request.slide, bag.bag_id)
     thumbnail = read_thumbnail(slide_path, request.max_side)
+    bag, note = on_level0(bag, request.mpp, thumbnail.mpp, slide_path.name)
+    if note:
+        result.notes.append(note)
     picture = render_overlay(bag, thumbnail, request.norm, request.cmap, request.alpha)
     save_rgb(picture.render(), path)
     result.written = path

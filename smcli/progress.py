@@ -37,6 +37,11 @@ class Reporter:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        """A `note:` line about the whole run (not shown with quiet)."""
+        if not self.quiet:
+            self.line(f"note: {text}")
+
     def start(self, total: int) -> None:
         self.total = total
         self.started = self.last_log = time.perf_counter()

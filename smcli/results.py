@@ -26,6 +26,7 @@ class BagSummary:
     seconds: float = 0.0
     patch_step: float | None = None
     patch_step_source: str = ""
+    coords_units: str = ""  # the unit of x, y and patch_step (smcli.units): level-0 pixels or micrometres
     dist_thr: float | None = None
     warnings: list[str] = field(default_factory=list)
     auroc: float | None = None  # attention_logit vs instance labels, when the bag has both classes
@@ -46,6 +47,7 @@ class BagSummary:
             "model_config": model_config_json,
             "patch_step": self.patch_step,
             "patch_step_source": self.patch_step_source,
+            "coords_units": self.coords_units,
             "dist_thr": self.dist_thr,
             "n_edges": self.n_edges,
             "device": self.device,

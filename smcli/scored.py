@@ -15,6 +15,7 @@ import numpy as np
 
 from smcli.bags import BagKeys, find_bags
 from smcli.errors import BagError, SmcliError, UsageError
+from smcli.units import PIXELS, parse_units
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 SCORE_COLUMNS = ("attention_logit", "attention_weight")  # carried along when a table has them
@@ -25,7 +26,9 @@ class BagValues:
     """One bag's patches: coords (N, 2) level-0 (x, y), the drawn value (N,), labels (N,) or None.
 
     `instances` (N,) are the patch indices in the bag (the table's `instance` column); `scores`
-    holds the table's attention columns (each (N,)) when present.
+    holds the table's attention columns (each (N,)) when present. `coords_units` is the unit of
+    coords and patch_step (smcli.units: "level-0 pixels" or "micrometres"; an unknown unit is kept
+    as written); smcli.units.to_level0 places them on a slide.
     """
 
     bag_id: str
@@ -39,6 +42,14 @@ class BagValues:
     warnings: list[str] = field(default_factory=list)
     instances: np.ndarray | None = None
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    coords_units: str = PIXELS
+    patch_step_y: float | None = None  # the side along y, when it differs from patch_step (along x)
+    converted_at: str = ""  # "0.5 µm/px (--mpp)": the MPP on_level0 used to turn micrometres into pixels
+
+    @property
+    def patch_side(self) -> tuple[float, float]:
+        """(side_x, side_y) of a patch in coords units (they differ only on non-square slide pixels)."""
+        return (self.patch_step, self.patch_step if self.patch_step_y is None else self.patch_step_y)
 
     @property
     def instance_ids(self) -> np.ndarray:
@@ -52,7 +63,8 @@ def read_table(path: Path, column: str, patch_size: float | None) -> list[BagVal
     """A scores table (one bag or many) -> one BagValues per bag_id, in table order.
 
     The patch step is --patch-size, else the `patch_step` the score run recorded in the bags file
-    beside the table, else inferred from x, y. The probability comes from that bags file too.
+    beside the table, else inferred from x, y. The probability comes from that bags file too, and
+    the coords' unit from the table (see `table_units`).
     """
     import pandas as pd
 
@@ -79,6 +91,7 @@ def read_table(path: Path, column: str, patch_size: float | None) -> list[BagVal
     if "bag_id" not in table.columns:
         table = table.assign(bag_id=path.stem)
     summaries = bags_file_rows(path)
+    stated_units = parquet_units(path) if path.suffix == ".parquet" else {}
     found = []
     for bag_id, rows in table.groupby("bag_id", sort=False):
         coords = rows[["x", "y"]].to_numpy()
@@ -110,9 +123,51 @@ def read_table(path: Path, column: str, patch_size: float | None) -> list[BagVal
                 _positive(recorded.get("probability"), allow_zero=True),
                 instances=instances,
                 scores=scores,
+                coords_units=table_units(stated_units, recorded, str(bag_id)),
             )
         )
     return found
+
+
+def parquet_units(path: Path) -> dict[str, str]:
+    """`smcli.coords_units` from a parquet table's key-value metadata, by bag_id ('' = every bag).
+
+    A per-bag table holds the key itself; a multi-bag table holds it when all bags share it, else
+    in each bag's entry of the `smcli.bags` JSON list. {} when the file says nothing.
+    """
+    import json
+
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_metadata(path).metadata or {}
+    except (OSError, ValueError):
+        return {}
+    text = {
+        key.decode("utf-8", "replace"): value.decode("utf-8", "replace") for key, value in metadata.items()
+    }
+    found: dict[str, str] = {}
+    if text.get("smcli.coords_units"):
+        found[""] = text["smcli.coords_units"]
+    try:
+        per_bag = json.loads(text.get("smcli.bags", "[]"))
+    except ValueError:
+        per_bag = []
+    for entry in per_bag if isinstance(per_bag, list) else []:
+        if isinstance(entry, dict) and entry.get("smcli.coords_units") and "smcli.bag_id" in entry:
+            found[str(entry["smcli.bag_id"])] = str(entry["smcli.coords_units"])
+    return found
+
+
+def table_units(stated: dict[str, str], recorded: dict, bag_id: str) -> str:
+    """The unit of a table bag's x, y: its parquet metadata (see parquet_units), else the
+    `coords_units` of its row in the bags file beside the table, else level-0 pixels (tables from
+    before smcli recorded units, or a CSV streamed to stdout, which has no bags file)."""
+    stated_unit = stated.get(bag_id) or stated.get("") or recorded.get("coords_units")
+    try:
+        return parse_units(stated_unit)
+    except BagError:
+        return str(stated_unit)  # kept as written: placing it on a slide names it
 
 
 def bags_file_rows(table_path: Path) -> dict[str, dict]:
@@ -166,7 +221,45 @@ def score_for_values(path: Path, model, column: str, options) -> BagValues:
         list(summary.warnings),
         instances=table["instance"].to_numpy(dtype=np.int64),
         scores={name: table[name].to_numpy(dtype=np.float64) for name in SCORE_COLUMNS},
+        coords_units=summary.coords_units or PIXELS,
     )
+
+
+def on_level0(
+    bag: BagValues, mpp_flag: float | None, slide_mpp: tuple[float, float] | None, slide_name: str = ""
+) -> tuple[BagValues, str]:
+    """The bag with coords and patch step in level-0 pixels (smcli.units.to_level0), and one line
+    for a `note:` saying which MPP was used ('' when nothing needed converting).
+
+    mpp_flag: `--mpp`, which overrides slide_mpp (the slide's own, smcli.slide.slide_mpp), and is
+    only noted when the coords are pixels already. BagError naming --mpp when micrometre coords
+    have neither. slide_name names the slide in that error ('' when no slide was given).
+    """
+    import dataclasses
+
+    from smcli.units import PIXELS as LEVEL0_PIXELS
+    from smcli.units import resolve_mpp, to_level0
+
+    where = f"{bag.source}: {bag.bag_id}"
+    if bag.coords_units == LEVEL0_PIXELS:
+        note = f"{where}: --mpp {mpp_flag:g} not used: coords are level-0 pixels already" if mpp_flag else ""
+        return bag, note
+    mpp = resolve_mpp(mpp_flag, slide_mpp, slide_name)
+    if slide_name:
+        hint = f"slide {slide_name} records no microns per pixel (openslide.mpp-x/y)"
+    else:
+        hint = "no --slide gives the scale"
+    placed = to_level0(bag.coords, bag.patch_step, bag.coords_units, mpp, where, hint)
+    side_x, side_y = placed.patch_side
+    converted = dataclasses.replace(
+        bag,
+        coords=placed.coords,
+        patch_step=side_x,
+        patch_step_y=None if side_y == side_x else side_y,
+        coords_units=LEVEL0_PIXELS,
+        converted_at=mpp.describe() if mpp is not None else "",
+    )
+    return converted, f"{where}: {placed.note}"
 
 
 def split_inputs(inputs: list[Path]) -> tuple[list[Path], list[Path]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from smcli.backends.torch_device import TORCH_EXTRA, require_torch
 from smcli.bags import Bag, BagKeys, Geometry, check_input, load_bag, peek_bag_id, resolve_geometry
 from smcli.checkpoint import LoadedModel
 from smcli.errors import BagError, SmcliError, UsageError
@@ -55,22 +56,25 @@ def cuda_may_be_present() -> bool:
     return NVIDIA_DRIVER.exists() or os.environ.get("SMCLI_PROBE_CUDA") == "1"
 
 
-def resolve_device(name: str) -> str:
+def resolve_device(name: str, note: Callable[[str], None] = lambda text: None) -> str:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable device string, else UsageError.
 
-    'cpu' and 'auto' without an NVIDIA driver never import torch.
+    'cpu' and 'auto' without an NVIDIA driver never import torch. 'auto' with a driver but no
+    torch installed scores on the CPU and says so through `note` (once per call).
     """
     if name == "auto":
         if not cuda_may_be_present():
             return "cpu"
-        import torch
-
+        try:
+            import torch
+        except ImportError:  # the CPU user's install: no torch, so no CUDA either
+            note(f"an NVIDIA driver is present but PyTorch is not: scoring on the CPU ({TORCH_EXTRA})")
+            return "cpu"
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return "cpu"
     if name == "cuda" or name.startswith("cuda:"):
-        import torch
-
+        torch = require_torch(f"--device {name}")
         if not torch.cuda.is_available():
             raise UsageError(f"device {name!r} requested but CUDA is not available on this machine")
         index = name.partition(":")[2]
@@ -214,6 +218,7 @@ def score_bag(
         probability=probability,
         patch_step=geometry.patch_step,
         patch_step_source=geometry.source,
+        coords_units=bag_units(bag),
         dist_thr=dist_thr,
         warnings=geometry_warnings(bag, geometry, cells, adjacency.n_edges),
         auroc=auroc(logits, bag.labels) if bag.labels is not None else None,
@@ -225,6 +230,22 @@ def score_bag(
     )
     summary.seconds = time.perf_counter() - started
     return BagResult(summary, table)
+
+
+def bag_units(bag: Bag) -> str:
+    """The unit of the bag's coords (smcli.units): what its reader or metadata says, else pixels.
+
+    A unit smcli does not know is kept as written (scoring does not need it; drawing it on a slide
+    then fails with a line naming it).
+    """
+    from smcli.readers import COORDS_UNITS
+    from smcli.units import parse_units
+
+    stated = bag.metadata.get("coords_units") or COORDS_UNITS.get(bag.metadata.get("format", ""))
+    try:
+        return parse_units(stated)
+    except BagError:
+        return str(stated)
 
 
 def check_finite_scores(path: Path, logits: np.ndarray, bag_logit: float | None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from smcli.errors import BagError, UsageError
+from smcli.units import mpp_from_properties
 
 MAX_SIDE_LIMIT = 20_000  # longest thumbnail side we agree to draw (a 20k x 20k RGB canvas is 1.2 GB)
 READ_PIXELS = 32 * 1024 * 1024  # level pixels per read_region call (128 MB of RGBA)
@@ -57,6 +58,25 @@ def find_slide(slide: Path, bag_id: str) -> Path:
     return matches[0]
 
 
+class SlideFinder:
+    """`--slide` for a run of bags: a file is the slide of one bag (a second bag is that bag's
+    error), a directory gives each bag its `<bag_id>.*` file (find_slide)."""
+
+    def __init__(self, slide: Path) -> None:
+        self.slide = slide
+        self.used_by: str | None = None
+
+    def __call__(self, bag_id: str, where: str) -> Path:
+        if not self.slide.is_dir():
+            if self.used_by is not None and self.used_by != bag_id:
+                raise BagError(
+                    f"{where}: --slide {self.slide} is the slide of {self.used_by}; "
+                    "give a directory of slides to draw several bags"
+                )
+            self.used_by = bag_id
+        return find_slide(self.slide, bag_id)
+
+
 def _extension(rest: str) -> bool:
     """'.svs' or '.ome.tiff': one or two short alphanumeric suffixes, nothing else."""
     parts = rest.split(".")[1:]
@@ -70,6 +90,7 @@ class Thumbnail:
     path: Path
     pixels: np.ndarray
     level0_size: tuple[int, int]  # (width, height) in level-0 pixels
+    mpp: tuple[float, float] | None = None  # microns per level-0 pixel (x, y), when the slide says
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -111,6 +132,7 @@ def read_thumbnail(path: Path, max_side: int) -> Thumbnail:
     from PIL import Image
 
     with open_slide(path) as handle:
+        mpp = mpp_from_properties(handle.properties)
         width, height = handle.dimensions
         if width < 1 or height < 1:
             raise BagError(f"{path}: the slide is empty ({width} x {height} pixels)")
@@ -132,7 +154,16 @@ def read_thumbnail(path: Path, max_side: int) -> Thumbnail:
     image = Image.fromarray(np.concatenate(bands))
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
-    return Thumbnail(path, np.asarray(image), (int(width), int(height)))
+    return Thumbnail(path, np.asarray(image), (int(width), int(height)), mpp)
+
+
+def slide_mpp(path: Path) -> tuple[float, float] | None:
+    """The slide's microns per level-0 pixel (x, y) from OpenSlide's properties, or None.
+
+    BagError (one line) when the slide cannot be opened.
+    """
+    with open_slide(path) as handle:
+        return mpp_from_properties(handle.properties)
 
 
 def check_inside(coords: np.ndarray, level0_size: tuple[int, int], where: str, slide: Path) -> None:
@@ -150,26 +181,33 @@ def check_inside(coords: np.ndarray, level0_size: tuple[int, int], where: str, s
 
 
 def footprints(
-    coords: np.ndarray, step: float, shape: tuple[int, int], scale: tuple[float, float]
+    coords: np.ndarray, step: float | tuple[float, float], shape: tuple[int, int], scale: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each patch's pixel box on a canvas of `shape` (H, W): x0, y0, x1, y1 (N,) int64, end exclusive.
+
+    step: the patch side in level-0 pixels, or (side_x, side_y) when the slide's pixels are not square.
 
     Ends are rounded like starts, so patches that tile level 0 tile the canvas without gaps or
     overlaps; a patch narrower than a canvas pixel still gets one pixel.
     """
     height, width = shape
     sx, sy = scale
+    step_x, step_y = step if isinstance(step, tuple) else (step, step)
     x = np.asarray(coords[:, 0], dtype=np.float64)
     y = np.asarray(coords[:, 1], dtype=np.float64)
     x0 = np.clip(np.floor(x / sx + 0.5), 0, width - 1).astype(np.int64)
     y0 = np.clip(np.floor(y / sy + 0.5), 0, height - 1).astype(np.int64)
-    x1 = np.clip(np.floor((x + step) / sx + 0.5), 0, width).astype(np.int64)
-    y1 = np.clip(np.floor((y + step) / sy + 0.5), 0, height).astype(np.int64)
+    x1 = np.clip(np.floor((x + step_x) / sx + 0.5), 0, width).astype(np.int64)
+    y1 = np.clip(np.floor((y + step_y) / sy + 0.5), 0, height).astype(np.int64)
     return x0, y0, np.maximum(x1, x0 + 1), np.maximum(y1, y0 + 1)
 
 
 def paint(
-    coords: np.ndarray, step: float, t: np.ndarray, shape: tuple[int, int], scale: tuple[float, float]
+    coords: np.ndarray,
+    step: float | tuple[float, float],
+    t: np.ndarray,
+    shape: tuple[int, int],
+    scale: tuple[float, float],
 ) -> np.ndarray:
     """(H, W) float32 canvas: t in [0, 1] of the hottest patch covering each pixel, -1 where none.
 
@@ -184,8 +222,9 @@ def paint(
     box_w, box_h = x1 - x0, y1 - y0
     painted = int(np.sum(box_w * box_h))
     if painted > MAX_OVERLAP * height * width:  # work and memory would grow with the overlap, not the input
+        side = step[0] if isinstance(step, tuple) else step
         raise BagError(
-            f"patch footprints of {step:g} px cover the canvas {painted / (height * width):.0f} times over: "
+            f"patch footprints of {side:g} px cover the canvas {painted / (height * width):.0f} times over: "
             "the patch step is far larger than the spacing of the coords; check --patch-size"
         )
     most_w, most_h = int(box_w.max()), int(box_h.max())

@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from smcli.errors import OutputError, StdoutClosed, UsageError, printable
-from smcli.files import MAX_BAG_ID_BYTES, atomic_path, safe_bag_id  # noqa: F401  (also imported from here)
+from smcli.errors import OutputError, UsageError, printable
+from smcli.files import (  # noqa: F401  (also imported from here)
+    MAX_BAG_ID_BYTES,
+    atomic_path,
+    safe_bag_id,
+    write_stdout,
+)
 from smcli.results import BagResult, BagSummary
 
 BAGS_COLUMNS = [  # the first nine are the core columns; localization and provenance follow
@@ -34,6 +38,7 @@ BAGS_COLUMNS = [  # the first nine are the core columns; localization and proven
     "warnings",
     "patch_step",
     "patch_step_source",
+    "coords_units",
     "dist_thr",
     "input_bytes",
     "model_sha256",
@@ -74,7 +79,12 @@ def write_table(
 
 
 def write_csv(table, handle, header: bool) -> None:
-    """A pyarrow Table as plain CSV (no quotes) into a binary file; pandas for values needing quotes.
+    """A pyarrow Table as plain CSV (see csv_bytes) into a binary file."""
+    handle.write(csv_bytes(table, header))
+
+
+def csv_bytes(table, header: bool) -> bytes:
+    """A pyarrow Table as plain CSV (no quotes); pandas for values needing quotes.
 
     Floats are written in their shortest round-trip form.
     """
@@ -85,11 +95,9 @@ def write_csv(table, handle, header: bool) -> None:
         body = pa.BufferOutputStream()
         pacsv.write_csv(table, body, pacsv.WriteOptions(include_header=False, quoting_style="none"))
     except pa.ArrowInvalid:  # a bag id with a comma, quote or newline: quote it properly
-        handle.write(table.to_pandas().to_csv(index=False, header=header).encode())
-        return
-    if header:  # our column names never need quotes
-        handle.write((",".join(table.schema.names) + "\n").encode())
-    handle.write(body.getvalue().to_pybytes())
+        return table.to_pandas().to_csv(index=False, header=header).encode()
+    head = (",".join(table.schema.names) + "\n").encode() if header else b""  # names never need quotes
+    return head + body.getvalue().to_pybytes()
 
 
 def conform(table, schema):
@@ -297,14 +305,8 @@ class StdoutSink:
     def add(self, result: BagResult) -> None:
         if result.arrow is None or refuse_duplicate(result, self.written):
             return
-        try:
-            sys.stdout.flush()
-            write_csv(result.arrow, sys.stdout.buffer, header=not self.header_written)
-            sys.stdout.buffer.flush()
-        except BrokenPipeError:  # the reader went away (`| head`): stop, quietly
-            raise StdoutClosed("stdout: the reader closed the pipe") from None
-        except OSError as err:  # a full disk (`> /dev/full`, `ulimit -f`): one line, exit 1
-            raise OutputError(f"stdout: cannot write ({_describe_os_error(err)})") from None
+        # every byte reaches stdout, or StdoutClosed (EPIPE) / OutputError (full disk, ulimit -f)
+        write_stdout(csv_bytes(result.arrow, header=not self.header_written))
         self.header_written = True
 
     def close(self, complete: bool) -> None:
@@ -609,6 +611,13 @@ def skipped_result(path: Path, bag_id: str, previous: dict | None) -> BagResult:
             ("input_bytes", int),
         ):
             setattr(summary, name, _number(previous.get(name, ""), kind))
-        for name in ("patch_step_source", "model_sha256", "device", "smcli_version", "scored_at"):
+        for name in (
+            "patch_step_source",
+            "coords_units",
+            "model_sha256",
+            "device",
+            "smcli_version",
+            "scored_at",
+        ):
             setattr(summary, name, previous.get(name, ""))
     return BagResult(summary)

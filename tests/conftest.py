@@ -1,13 +1,21 @@
-"""Shared fixtures: small tricky bags and the torchmil oracle (a test-only dependency)."""
+"""Shared fixtures: small tricky bags. Torch-free: the torchmil oracle lives in tests/oracle.py."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 PATCH = 256
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="needs torch (not in the torch-free venv)")
+
+
+def pytest_report_header(config) -> str:
+    """Say whether the torchmil oracle is here: without it the parity tests skip."""
+    present = HAVE_TORCH and importlib.util.find_spec("torchmil") is not None
+    return "smcli oracle: torch + torchmil present" if present else "smcli oracle: absent (parity tests skip)"
 
 
 def tricky_coords(seed: int = 0) -> np.ndarray:
@@ -20,61 +28,28 @@ def tricky_coords(seed: int = 0) -> np.ndarray:
     return coords[rng.permutation(len(coords))]
 
 
-def torchmil_adjacency(
-    coords: np.ndarray, patch_size: float, dist_thr: float = 2**0.5, normalize: bool = True
-) -> torch.Tensor:
-    """torchmil 1.0.2's sparse adjacency, built as its WSI datasets do (float32): normalized, or the
-    raw binary one (norm_adj=False)."""
-    from torchmil.utils import add_self_loops, build_adj, normalize_adj
-
-    cells = coords / patch_size
-    cells = (cells - cells.min(axis=0)).astype(int)
-    n = len(coords)
-    edge_index, edge_weight = build_adj(cells, None, dist_thr=dist_thr)
-    weight = normalize_adj(edge_index, edge_weight, n_nodes=n) if normalize else edge_weight
-    if n == 1:
-        edge_index, weight = add_self_loops(edge_index, weight, n)
-    adj = torch.sparse_coo_tensor(edge_index, weight, (n, n), check_invariants=True)
-    return adj.coalesce().to(torch.float32)
-
-
-def make_torchmil_model(
-    in_dim,
-    att_dim,
-    head,
-    mode="approx",
-    where="early",
-    spectral=False,
-    alpha="trainable",
-    act="tanh",
-    steps=10,
-):
-    """A torchmil SmABMIL (head) or SmAttentionPool with these constructor settings."""
-    from torchmil.models import SmABMIL
-    from torchmil.nn import SmAttentionPool
-
-    if head:
-        return SmABMIL(
-            (in_dim,),
-            att_dim=att_dim,
-            att_act=act,
-            sm_mode=mode,
-            sm_alpha=alpha,
-            sm_steps=steps,
-            sm_where=where,
-            spectral_norm=spectral,
-        )
-    return SmAttentionPool(in_dim, att_dim, act, mode, alpha, steps, where, spectral)
-
-
 @pytest.fixture
 def bag_file(tmp_path):
-    """Write a safetensors bag and return its path: bag_file(name, features, coords, **metadata)."""
+    """Write a safetensors bag and return its path: bag_file(name, features, coords, **metadata).
 
-    def write(name: str, features: torch.Tensor, coords, **metadata) -> str:
+    `features` is a numpy array, or a torch tensor (e.g. bfloat16, which numpy lacks)."""
+
+    def write(name: str, features, coords, **metadata) -> str:
         path = tmp_path / f"{name}.safetensors"
-        tensors = {"features": features.contiguous(), "coords": torch.as_tensor(np.ascontiguousarray(coords))}
-        save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()} or None)
+        meta = {k: str(v) for k, v in metadata.items()} or None
+        coords = np.ascontiguousarray(coords)
+        if isinstance(features, np.ndarray):
+            from safetensors.numpy import save_file
+
+            save_file(
+                {"features": np.ascontiguousarray(features), "coords": coords}, str(path), metadata=meta
+            )
+        else:  # a torch tensor: only tests that have torch pass one
+            import torch
+            from safetensors.torch import save_file as save_torch
+
+            tensors = {"features": features.contiguous(), "coords": torch.as_tensor(coords)}
+            save_torch(tensors, str(path), metadata=meta)
         return path
 
     return write

@@ -9,6 +9,9 @@ import scipy.sparse
 from smcli.backends import get_backend
 from smcli.backends.cpu import THREADED_MIN_VALUES, CpuBackend
 from smcli.graph import build_adjacency, grid_cells
+from tests.conftest import needs_torch
+
+TORCH_CPU = pytest.param("torch:cpu", marks=needs_torch)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def test_threaded_sparse_product_gives_the_same_bits_as_one_thread(grid_graph, t
     assert np.abs(got - reference).max() <= 1e-5
 
 
-@pytest.mark.parametrize("backend_name", ["cpu", "torch:cpu"])
+@pytest.mark.parametrize("backend_name", ["cpu", TORCH_CPU])
 def test_addmm_accumulates_in_place_and_axpy_updates_in_place(backend_name):
     backend = get_backend(backend_name)
     dense = np.array([[0.0, 2.0, 0.0], [2.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
@@ -46,7 +49,13 @@ def test_addmm_accumulates_in_place_and_axpy_updates_in_place(backend_name):
     assert np.allclose(backend.to_numpy(out), expected - 2.0 * np.arange(6).reshape(3, 2))
 
 
-@pytest.mark.parametrize(("first", "second"), [("cpu", "torch:cpu"), ("torch:cpu", "cpu")])
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        pytest.param("cpu", "torch:cpu", marks=needs_torch),
+        pytest.param("torch:cpu", "cpu", marks=needs_torch),
+    ],
+)
 def test_a_graph_prepared_for_one_backend_serves_another_on_the_same_device(grid_graph, first, second):
     """numpy and torch on the CPU are both device "cpu": a graph made for one is rebuilt for the other."""
     from smcli.model import approx_sm, as_graph

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from safetensors.torch import save, save_file
 from torchmil.nn import SmAttentionPool as TorchmilPool

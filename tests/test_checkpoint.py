@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from safetensors.torch import save_file
 from torchmil.nn import SmAttentionPool as TorchmilPool

@@ -12,13 +12,16 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from torchmil.nn import SmAttentionPool as TorchmilPool
 from typer.testing import CliRunner
 
 from smcli.checkpoint import ModelConfig, PoolConfig, save_checkpoint
 from smcli.cli import app
-from tests.conftest import PATCH, torchmil_adjacency, tricky_coords
+from tests.conftest import PATCH, tricky_coords
+from tests.oracle import torchmil_adjacency
 
 IN_DIM = 12
 COLUMNS = ["bag_id", "instance", "x", "y", "attention_logit", "attention_weight"]

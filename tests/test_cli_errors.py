@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from smcli.checkpoint import ModelConfig, PoolConfig, build_module, save_checkpoint
@@ -12,6 +11,10 @@ from smcli.cli import app
 from tests.conftest import PATCH, tricky_coords
 
 runner = CliRunner()
+
+
+def randn(*shape: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
 
 def model_file(tmp_path, mode="approx", coef=None):
@@ -27,7 +30,7 @@ def model_file(tmp_path, mode="approx", coef=None):
 @pytest.fixture
 def bag(bag_file):
     coords = tricky_coords(0)
-    return bag_file("slide", torch.randn(len(coords), 8), coords, patch_size=PATCH)
+    return bag_file("slide", randn(len(coords), 8), coords, patch_size=PATCH)
 
 
 def invoke(*args):
@@ -57,7 +60,7 @@ def test_a_directory_without_bags_is_a_usage_error(tmp_path):
 def test_an_indefinite_exact_system_is_solved_and_a_singular_one_fails_the_bag(tmp_path, bag, bag_file):
     result = invoke(bag, "-m", model_file(tmp_path, "exact", coef=-0.7), "-o", tmp_path / "out")
     assert result.exit_code == 0, result.stderr  # 0.3 I + 0.7 A: indefinite, solved by sparse LU
-    pair = bag_file("pair", torch.randn(2, 8), np.array([[0, 0], [PATCH, 0]]), patch_size=PATCH)
+    pair = bag_file("pair", randn(2, 8), np.array([[0, 0], [PATCH, 0]]), patch_size=PATCH)
     result = invoke(pair, "-m", model_file(tmp_path, "exact", coef=-0.5), "-o", tmp_path / "out2")
     assert result.exit_code == 1  # two neighbours: A has eigenvalue -1, so 0.5 I + 0.5 A is singular
     reason = "exact Sm with coef -0.5: (1 + coef) I - coef A is singular"
@@ -66,7 +69,7 @@ def test_an_indefinite_exact_system_is_solved_and_a_singular_one_fails_the_bag(t
 
 def test_a_patch_step_far_too_large_fails_the_bag_not_the_machine(tmp_path, bag_file):
     coords = np.argwhere(np.ones((40, 40))) * 512
-    big = bag_file("big", torch.randn(len(coords), 8), coords)
+    big = bag_file("big", randn(len(coords), 8), coords)
     result = invoke(big, "-m", model_file(tmp_path), "--patch-size", "1000000", "-o", tmp_path / "out")
     assert result.exit_code == 1
     assert "the patch step is far too large for these coords" in result.stderr
@@ -75,7 +78,7 @@ def test_a_patch_step_far_too_large_fails_the_bag_not_the_machine(tmp_path, bag_
 
 def test_an_inferred_patch_step_is_said_on_stderr(tmp_path, bag_file):
     coords = tricky_coords(3)
-    bag = bag_file("no_step", torch.randn(len(coords), 8), coords)  # no patch_size metadata
+    bag = bag_file("no_step", randn(len(coords), 8), coords)  # no patch_size metadata
     result = invoke(bag, "-m", model_file(tmp_path))
     assert result.exit_code == 0
     assert f"note: {bag}: patch step {PATCH} inferred from the coords" in result.stderr.splitlines()

@@ -11,6 +11,8 @@ import types
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,8 @@ from smcli.cli import app
 from smcli.convert import ConvertOptions, convert
 from smcli.errors import ModelError, UsageError
 from smcli.scoring import score_bag
-from tests.conftest import PATCH, make_torchmil_model, torchmil_adjacency, tricky_coords
+from tests.conftest import PATCH, tricky_coords
+from tests.oracle import make_torchmil_model, torchmil_adjacency
 
 IN_DIM = 20
 FULL_GRAPH = {"dist_thr": 2**0.5, "normalize": True, "weights": "binary", "origin": "min"}

@@ -7,6 +7,8 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+
+pytest.importorskip("torch")
 import torch
 from typer.testing import CliRunner
 

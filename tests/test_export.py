@@ -6,6 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from torchmil.models import SmABMIL as TorchmilSmABMIL
 from torchmil.models import SmTransformerABMIL as TorchmilSmTransformerABMIL
@@ -16,7 +18,8 @@ from smcli.bags import load_bag
 from smcli.checkpoint import load_model
 from smcli.errors import ModelError
 from smcli.scoring import score_bag
-from tests.conftest import PATCH, make_torchmil_model, torchmil_adjacency, tricky_coords
+from tests.conftest import PATCH, tricky_coords
+from tests.oracle import make_torchmil_model, torchmil_adjacency
 
 IN_DIM = 12
 

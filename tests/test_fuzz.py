@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from safetensors.torch import save
 from torchmil.nn import SmAttentionPool as TorchmilPool

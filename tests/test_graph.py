@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +19,8 @@ from smcli.graph import (
     infer_patch_step,
     neighbour_offsets,
 )
-from tests.conftest import PATCH, torchmil_adjacency, tricky_coords
+from tests.conftest import PATCH, tricky_coords
+from tests.oracle import torchmil_adjacency
 
 
 def as_coo(adjacency) -> torch.Tensor:

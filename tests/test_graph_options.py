@@ -8,6 +8,8 @@ import itertools
 import h5py
 import numpy as np
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from torchmil.datasets import CAMELYON16MILDataset, PANDAMILDataset, ProcessedMILDataset, TridentWSIDataset
 from torchmil.nn import SmAttentionPool as TorchmilPool

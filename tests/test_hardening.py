@@ -19,6 +19,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+
+pytest.importorskip("torchmil")
 import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st

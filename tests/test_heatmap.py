@@ -7,9 +7,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from smcli.checkpoint import ModelConfig, PoolConfig, build_module, save_checkpoint
@@ -34,22 +33,21 @@ def grid_bag(seed: int = 0):
     """Cells (x, y) on a 10 x 6 grid minus two holes; coords = cells * STEP + offset; labels."""
     cells = np.array([(x, y) for x in range(NX) for y in range(NY) if (x, y) not in ((4, 2), (7, 5))])
     coords = cells * STEP + np.array([STEP * 40, STEP * 12])
-    features = torch.randn(len(cells), IN_DIM, generator=torch.Generator().manual_seed(seed))
+    features = np.random.default_rng(seed).standard_normal((len(cells), IN_DIM), dtype=np.float32)
     labels = ((cells[:, 0] >= 6) & (cells[:, 1] <= 2)).astype(np.uint8)
     return cells, np.ascontiguousarray(coords), features, labels
 
 
 def write_bag(path, coords, features, labels=None):
-    tensors = {"features": features, "coords": torch.from_numpy(coords)}
+    tensors = {"features": features, "coords": coords}
     if labels is not None:
-        tensors["labels"] = torch.from_numpy(labels)
+        tensors["labels"] = labels
     save_file(tensors, str(path), metadata={"patch_size": str(STEP)})
     return path
 
 
 @pytest.fixture
 def model_file(tmp_path):
-    torch.manual_seed(3)
     config = ModelConfig(PoolConfig(IN_DIM, 4), head=True)
     path = tmp_path / "model.safetensors"
     save_checkpoint(build_module(config).state_dict(), config, path)

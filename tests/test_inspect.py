@@ -6,8 +6,7 @@ import hashlib
 import json
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from smcli.checkpoint import ModelConfig, PoolConfig, build_module, save_checkpoint
@@ -23,7 +22,6 @@ def invoke(*args):
 
 
 def make_checkpoint(path, head=True, patch_size=None):
-    torch.manual_seed(1)
     config = ModelConfig(PoolConfig(IN_DIM, 6, act="tanh"), head=head, patch_size=patch_size)
     save_checkpoint(build_module(config).state_dict(), config, path)
     return path
@@ -97,8 +95,9 @@ def test_checkpoint_info(tmp_path):
 def test_model_gives_the_step_and_a_dim_warning(tmp_path):
     cells = np.argwhere(np.ones((5, 4)))
     bag = tmp_path / "b.safetensors"
-    coords = torch.from_numpy(np.ascontiguousarray(cells * 100 + 700))
-    save_file({"features": torch.randn(len(cells), IN_DIM + 1), "coords": coords}, str(bag))
+    coords = np.ascontiguousarray(cells * 100 + 700)
+    features = np.random.default_rng(0).standard_normal((len(cells), IN_DIM + 1), dtype=np.float32)
+    save_file({"features": features, "coords": coords}, str(bag))
     model = make_checkpoint(tmp_path / "m.safetensors", head=False, patch_size=100.0)
     (info,) = json.loads(invoke("inspect", bag, "-m", model, "--json").stdout)
     assert info["patch_step_source"] == "model" and info["patch_step"] == 100

@@ -11,6 +11,8 @@ import itertools
 import numpy as np
 import pytest
 import scipy.sparse
+
+pytest.importorskip("torchmil")
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -19,7 +21,8 @@ from torchmil.nn import SmAttentionPool as TorchmilPool
 from smcli.checkpoint import ModelConfig, PoolConfig, build_module
 from smcli.graph import GraphOptions, build_adjacency, build_adjacency_with, grid_cells
 from smcli.model import SmSolveError, approx_sm, exact_sm, host_csr, is_symmetric
-from tests.conftest import PATCH, make_torchmil_model, torchmil_adjacency, tricky_coords
+from tests.conftest import PATCH, tricky_coords
+from tests.oracle import make_torchmil_model, torchmil_adjacency
 
 BACKENDS = [
     "cpu",

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from smcli import __version__
@@ -21,7 +20,6 @@ runner = CliRunner()
 
 @pytest.fixture
 def model_path(tmp_path):
-    torch.manual_seed(0)
     config = ModelConfig(PoolConfig(16, 4), head=True)
     path = tmp_path / "model.safetensors"
     save_checkpoint(build_module(config).state_dict(), config, path)
@@ -33,7 +31,7 @@ def bags(tmp_path, bag_file):
     made = []
     for seed in (1, 2):
         coords = tricky_coords(seed)
-        features = torch.randn(len(coords), 16, generator=torch.Generator().manual_seed(seed))
+        features = np.random.default_rng(seed).standard_normal((len(coords), 16), dtype=np.float32)
         made.append(bag_file(f"slide_{seed}", features, coords, patch_size=PATCH))
     return made
 

@@ -75,6 +75,7 @@ def test_readme_test_command_is_what_ci_runs():
 def test_bring_your_model_config_and_note_are_what_convert_takes_and_prints(tmp_path):
     import json
 
+    pytest.importorskip("torchmil")
     import torch
     from torchmil.models import SmABMIL
 

@@ -24,7 +24,8 @@ from smcli.graph import build_adjacency, grid_cells  # noqa: E402
 from smcli.scoring import score_bag  # noqa: E402
 from smcli.tensorfile import read_safetensors, write_safetensors  # noqa: E402
 from smcli.transformer import TransformerConfig  # noqa: E402
-from tests.conftest import PATCH, torchmil_adjacency, tricky_coords  # noqa: E402
+from tests.conftest import PATCH, tricky_coords  # noqa: E402
+from tests.oracle import torchmil_adjacency  # noqa: E402
 
 IN_DIM = 12
 BACKENDS = ["cpu", "torch:cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -6,6 +6,19 @@ from typing import Any
 
 import numpy as np
 
+TORCH_EXTRA = "pip install 'smcli[torch]'"  # the extra that brings torch: CUDA scoring, .pt files
+
+
+def require_torch(needed_for: str):
+    """The torch module, or UsageError naming the extra to install (the CPU path never needs it)."""
+    from smcli.errors import UsageError
+
+    try:
+        import torch
+    except ImportError:
+        raise UsageError(f"{needed_for} needs PyTorch, which is not installed: {TORCH_EXTRA}") from None
+    return torch
+
 
 class TorchBackend:
     """torch on `device`. Imported only when a CUDA device (or, in tests, torch on the CPU) is asked for."""
