@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -463,3 +464,48 @@ def test_convert_notes_the_dropout_and_the_assumed_encoder_defaults(tmp_path):
         "scaled_dot_product_attention even in eval mode (its own eval scores are random); smcli scores "
         "the deterministic model without dropout"
     )
+
+
+DEMO = Path(__file__).resolve().parent.parent / "sample_bags" / "models" / "sm_transformer_abmil.safetensors"
+
+
+def torchmil_from_checkpoint(config: ModelConfig, tensors: dict):
+    """torchmil's SmTransformerABMIL built from an smcli config, the checkpoint's tensors loaded strictly."""
+    pool, transformer = config.pool, config.transformer
+    assert transformer is not None
+    model = TorchmilTransformer(
+        (pool.in_dim,),
+        pool_att_dim=pool.att_dim,
+        pool_act=pool.act,
+        pool_sm_mode=pool.sm_mode,
+        pool_sm_alpha=pool.sm_alpha,
+        pool_sm_steps=pool.sm_steps,
+        pool_sm_where=pool.sm_where,
+        pool_spectral_norm=pool.spectral_norm,
+        transf_att_dim=transformer.att_dim,
+        transf_n_layers=transformer.n_layers,
+        transf_n_heads=transformer.n_heads,
+        transf_use_mlp=transformer.use_mlp,
+        transf_add_self=transformer.add_self,
+        transf_sm_alpha=transformer.sm_alpha,
+        transf_sm_mode=transformer.sm_mode,
+        transf_sm_steps=transformer.sm_steps,
+    )
+    state = {name: torch.from_numpy(np.array(value)) for name, value in tensors.items()}
+    state.update({f"criterion.{k}": v for k, v in model.criterion.state_dict().items()})
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_the_demo_transformer_scores_the_sample_slides_as_torchmil_does():
+    """The committed demo checkpoint (trained with torchmil) against torchmil's forward, from the files."""
+    loaded = load_model(DEMO)
+    assert loaded.config.kind == "SmTransformerABMIL"
+    oracle = torchmil_from_checkpoint(loaded.config, dict(read_safetensors(DEMO).tensors))
+    for name in ("slide_01", "slide_02"):
+        bag = load_bag(DEMO.parent.parent / f"{name}.safetensors")
+        result = score_bag(loaded, bag)
+        features = torch.from_numpy(bag.features.astype(np.float32))
+        expected_logit, expected = torchmil_scores(oracle, features, bag.coords * PATCH / 512, dense=False)
+        assert np.abs(result.table["attention_logit"].to_numpy() - expected).max() <= 1e-5
+        assert abs(result.summary.logit - expected_logit) <= 1e-5

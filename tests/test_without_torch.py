@@ -81,10 +81,7 @@ def test_auto_with_an_nvidia_driver_but_no_torch_scores_on_the_cpu_with_one_note
     result = runner.invoke(app, ["score", str(bag), "-m", str(model), "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.splitlines()
-    assert (
-        lines[0]
-        == f"note: an NVIDIA driver is present but PyTorch is not: scoring on the CPU ({EXTRA})"
-    )
+    assert lines[0] == f"note: an NVIDIA driver is present but PyTorch is not: scoring on the CPU ({EXTRA})"
     assert sum(line.startswith("note: an NVIDIA driver") for line in lines) == 1
     assert "Traceback" not in result.stderr
     with open(tmp_path / "scores_bags.csv", newline="") as handle:
