@@ -11,6 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmil")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torchmil.models import SmTransformerABMIL as TorchmilTransformer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -509,3 +511,23 @@ def test_the_demo_transformer_scores_the_sample_slides_as_torchmil_does():
         expected_logit, expected = torchmil_scores(oracle, features, bag.coords * PATCH / 512, dense=False)
         assert np.abs(result.table["attention_logit"].to_numpy() - expected).max() <= 1e-5
         assert abs(result.summary.logit - expected_logit) <= 1e-5
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), layers=st.integers(1, 3))
+def test_permuting_the_patches_permutes_the_scores(seed, n, layers):
+    """Self-attention, Sm and the pool are permutation-equivariant; the bag logit is invariant."""
+    rng = np.random.default_rng(seed)
+    config = smcli_config(("approx", "trainable", layers, IN_DIM, True, layers == 1, "exact", "mid", False))
+    model = build_module(config, seed=seed)
+    coords = np.unique(rng.integers(0, 8, size=(n, 2)), axis=0) * PATCH
+    features = rng.standard_normal((len(coords), IN_DIM)).astype(np.float32)
+    order = rng.permutation(len(coords))
+    first = model.attention(features, build_adjacency(grid_cells(coords, PATCH)), symmetric=True)
+    second = model.attention(
+        features[order], build_adjacency(grid_cells(coords[order], PATCH)), symmetric=True
+    )
+    assert np.allclose(
+        np.asarray(second.attention_logit), np.asarray(first.attention_logit)[order], atol=1e-5
+    )
+    assert abs(second.bag_logit - first.bag_logit) <= 1e-5
