@@ -608,6 +608,94 @@ def geojson(
     raise typer.Exit(code=1 if failed else 0)
 
 
+@app.command("evaluate")
+def evaluate(
+    directories: Annotated[
+        list[Path], typer.Argument(help="Output directories of `smcli score -o DIR`, one per model.")
+    ],
+    targets: Annotated[Path, typer.Option("--targets", help="CSV of slide id -> 0/1 target.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Directory for report.json, report.csv, slides.csv, roc.png, pr.png."
+        ),
+    ] = None,
+    id_column: Annotated[str, typer.Option("--id-column", help="Targets column of slide ids.")] = "slide_id",
+    target_column: Annotated[
+        str, typer.Option("--target-column", help="Targets column of 0/1 targets.")
+    ] = "target",
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Call a slide positive at probability >= T (0.5).")
+    ] = None,
+    threshold_from: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--threshold-from",
+            help="Scored directory (e.g. validation) to choose the threshold on by Youden's J; one per DIR.",
+        ),
+    ] = None,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="In ensemble outputs, this member's columns instead of the ensemble's."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print report.json on stdout instead of the table.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report in -o.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="With -o: no table on stderr.")] = False,
+) -> None:
+    """Evaluate scored directories against slide targets: AUROC, AP, balanced accuracy with CIs.
+
+    Bag level from each directory's _bags.csv probabilities; instance level (localization AUROC,
+    mean per bag and pooled) from per-bag tables with a `label` column; DeLong's test for each pair
+    of directories on the slides both scored. Without -o the table is the output (stdout); with -o
+    it goes to stderr and the report files are written. Slides left out (not in targets, missing,
+    failed) are listed on stderr and make the exit status 1.
+
+    Example:
+        smcli evaluate out/sm_abmil/ out/abmil/ --targets sample_bags/targets.csv -o report/
+    """
+    import json
+
+    from smcli.evaluate import EvaluateRequest
+    from smcli.evaluate import evaluate as run_evaluation
+    from smcli.report import left_out_lines, print_table, report_document, write_report
+
+    try:
+        request = EvaluateRequest(
+            directories,
+            targets,
+            id_column,
+            target_column,
+            threshold,
+            threshold_from or [],
+            n_boot,
+            seed,
+            model,
+        )
+        report = run_evaluation(request)
+        if output is not None:
+            written = write_report(report, output, overwrite)
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    for line in left_out_lines(report):
+        _stderr(f"warning: {line}")
+    for model_report in report.models:
+        for note in model_report.notes:
+            _stderr(f"note: {note}")
+    if as_json:
+        typer.echo(json.dumps(report_document(report), indent=2))
+    elif output is None:
+        print_table(report, sys.stdout)
+    if output is not None:
+        if not quiet and not as_json:
+            print_table(report, sys.stderr)
+        _stderr(f"smcli: wrote {', '.join(str(path) for path in written)}")
+    raise typer.Exit(code=0 if report.complete else 1)
+
+
 def _check_positive(**values: float | None) -> None:
     """UsageError for a given --patch-size / --dist-thr that is not a positive, finite number
     (and a --dist-thr past graph.MAX_DIST_THR: its neighbourhoods would cost memory, not sense)."""

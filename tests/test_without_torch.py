@@ -103,3 +103,30 @@ def test_resolve_device_reports_the_fallback_through_its_note_hook(no_torch, mon
     assert scoring.resolve_device("auto", notes.append) == "cpu"
     assert len(notes) == 1 and EXTRA in notes[0]
     assert scoring.resolve_device("cpu", notes.append) == "cpu" and len(notes) == 1
+
+
+def test_every_test_module_collects_without_torch():
+    """CI runs the suite in a torch-free venv too: a module that imports torch, torchmil or
+    safetensors.torch at its top level must first `pytest.importorskip` it (or import it inside the
+    tests that need it), else that whole venv stops at collection."""
+    import ast
+    from pathlib import Path
+
+    needs_torch = ("torch", "torchmil", "safetensors.torch", "tests.oracle")
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.name == "oracle.py":
+            continue
+        skipped = False
+        for node in ast.parse(path.read_text()).body:
+            call = node.value if isinstance(node, ast.Expr | ast.Assign) else None
+            if isinstance(call, ast.Call) and ast.unparse(call.func) == "pytest.importorskip":
+                skipped = True
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if not skipped and any(
+                name == top or name.startswith(f"{top}.") for name in names for top in needs_torch
+            ):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
