@@ -231,12 +231,14 @@ def test_export_refuses_a_transformer_it_cannot_reproduce(tmp_path, build, messa
     assert not (tmp_path / "m.safetensors").exists()
 
 
-@pytest.mark.parametrize("block_values", [1, 64, 1 << 22])
-def test_blocked_attention_is_the_softmax_whatever_the_block(monkeypatch, block_values):
-    """Blocks of query rows (down to 16 rows) give the dense softmax(QK^T/sqrt d)V to float32 rounding."""
-    monkeypatch.setattr(cpu_backend, "ATTENTION_BLOCK_VALUES", block_values)
+@pytest.mark.parametrize("rows,tile", [(16, 16), (16, 50), (64, 1000), (256, 2048)])
+def test_tiled_attention_is_the_softmax_whatever_the_tiles(monkeypatch, rows, tile):
+    """Online softmax over key tiles (down to 16 x 16) gives the dense softmax(QK^T/sqrt d)V."""
+    monkeypatch.setattr(cpu_backend, "ATTENTION_QUERY_ROWS", rows)
+    monkeypatch.setattr(cpu_backend, "ATTENTION_KEY_TILE", tile)
     rng = np.random.default_rng(0)
     query, key, value = (rng.standard_normal((3, 203, 5)).astype(np.float32) * 3 for _ in range(3))
+    key[0] = key[0][np.argsort(key[0][:, 0])]  # head 0: scores grow along the keys, the max moves
     out = get_backend("cpu").scaled_dot_product_attention(query, key, value)
     scores = np.einsum("hqd,hkd->hqk", query.astype(np.float64), key.astype(np.float64)) / np.sqrt(5)
     weights = np.exp(scores - scores.max(axis=2, keepdims=True))
@@ -245,23 +247,26 @@ def test_blocked_attention_is_the_softmax_whatever_the_block(monkeypatch, block_
     assert np.abs(out - expected).max() <= 1e-5
 
 
-def test_blocked_attention_never_holds_an_n_by_n_matrix(monkeypatch):
-    """The score buffer is (rows, N) with rows bounded: its size is recorded by spying on np.empty."""
+def test_tiled_attention_never_holds_an_n_by_n_matrix(monkeypatch):
+    """The largest array allocated is rows x tile (spied on np.empty / np.zeros), never O(N^2)."""
     sizes = []
-    real_empty = np.empty
+    real_empty, real_zeros = np.empty, np.zeros
 
-    def spy(shape, dtype=float, *args, **kwargs):
-        if np.dtype(dtype) != np.uint8:  # backend.empty's raw bytes: the (heads, N, head_dim) output
-            sizes.append(int(np.prod(shape)))
-        return real_empty(shape, dtype, *args, **kwargs)
+    def spy(real):
+        def allocate(shape, dtype=float, *args, **kwargs):
+            if np.dtype(dtype) != np.uint8:  # backend.empty's raw bytes: the (heads, N, head_dim) output
+                sizes.append(int(np.prod(shape)))
+            return real(shape, dtype, *args, **kwargs)
+
+        return allocate
 
     n = 4000
-    monkeypatch.setattr(cpu_backend, "ATTENTION_BLOCK_VALUES", 1 << 16)
-    monkeypatch.setattr(cpu_backend.np, "empty", spy)
+    monkeypatch.setattr(cpu_backend.np, "empty", spy(real_empty))
+    monkeypatch.setattr(cpu_backend.np, "zeros", spy(real_zeros))
     rng = np.random.default_rng(1)
     query, key, value = (rng.standard_normal((2, n, 4)).astype(np.float32) for _ in range(3))
     get_backend("cpu").scaled_dot_product_attention(query, key, value)
-    assert max(sizes) <= max(1 << 16, 16 * n)
+    assert max(sizes) == cpu_backend.ATTENTION_QUERY_ROWS * cpu_backend.ATTENTION_KEY_TILE
     assert max(sizes) < n * n // 10
 
 
