@@ -105,7 +105,7 @@ def markdown_table(report: EvaluationReport) -> str:
     for title, header, rows in table_sections(report):
         if lines:
             lines.append("")
-        lines.append(f"{title} (95% CI, {report.n_boot} bootstrap resamples, seed {report.seed}):")
+        lines.append(f"**{title}** (95% CI, {report.n_boot} bootstrap resamples, seed {report.seed}):")
         lines.append("")
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join("---" for _ in header) + "|")

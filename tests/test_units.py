@@ -233,7 +233,7 @@ def test_a_pixel_bag_is_recorded_in_pixels(world, tmp_path):
 
 def coloured_box(png, level0_scale: float):
     """The level-0 px box (x0, y0, x1, y1) of the map's pixels that are not the slide's glass or
-    tissue, i.e. painted with attention, in a picture drawn at --alpha 1."""
+    tissue, i.e. painted with attention, in a whole-slide picture (--no-crop) drawn at --alpha 1."""
     image = np.asarray(Image.open(png).convert("RGB")).astype(int)
     map_h, map_w = round(HEIGHT / level0_scale), round(WIDTH / level0_scale)
     region = image[TITLE_H : TITLE_H + map_h, PAD : PAD + map_w]
@@ -257,6 +257,7 @@ def test_the_overlay_paints_attention_on_the_tissue(world, tmp_path, source):
         512,
         "--alpha",
         1,
+        "--no-crop",
         *extra,
     )
     assert result.exit_code == 0, result.output
@@ -280,6 +281,7 @@ def test_mpp_flag_overrides_the_slide(world, tmp_path):
         512,
         "--alpha",
         1,
+        "--no-crop",
         "--mpp",
         1,
     )
@@ -374,3 +376,24 @@ def test_mpp_is_noted_unused_for_pixel_coords(world, tmp_path):
     assert f"note: {table}: p: --mpp 0.25 not used: coords are level-0 pixels already" in result.output
     assert polygons(tmp_path / "p.geojson")[1].tolist() == [256, 0, 512, 256]
     assert math.isclose(polygons(tmp_path / "p.geojson")[0][2], 256)
+
+
+def test_the_default_overlay_is_cropped_around_the_tissue_in_level0_pixels(world, tmp_path):
+    from smcli.slide import crop_box, thumbnail_size
+
+    out = tmp_path / "overlay.png"
+    result = invoke("heatmap", world["csv"], "-o", out, "--slide", world["slide"], "--max-side", 512)
+    assert result.exit_code == 0, result.output
+    x0, y0, x1, y1 = tissue_box_px()
+    side = TILE_UM / MPP
+    box = crop_box(coords_um() / MPP, (side, side), (WIDTH, HEIGHT))
+    assert box[0] < x0 and box[1] < y0 and box[2] > x1 and box[3] > y1  # the tissue and a margin
+    width, height = thumbnail_size(box[2] - box[0], box[3] - box[1], 512)
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    region = image[TITLE_H : TITLE_H + height, PAD : PAD + width]
+    plain = (np.abs(region - GLASS).sum(axis=2) <= 6) | (np.abs(region - TISSUE).sum(axis=2) <= 6)
+    ys, xs = np.nonzero(~plain)
+    scale = (box[2] - box[0]) / width
+    found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) * scale + np.array(box[:2] * 2)
+    assert np.allclose(found, tissue_box_px(), atol=2 * scale)
+    assert not (np.abs(region - TISSUE).sum(axis=2) <= 6).any()  # every tissue pixel carries attention
