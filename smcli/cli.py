@@ -184,6 +184,7 @@ def score(
     from smcli.scoring import ScoreOptions
 
     reporter = Reporter(quiet=quiet)
+    reporter.table_on_stdout = output is None  # such a table cannot carry its coords' unit
     try:
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         if top_k is not None and top_k < 1:
