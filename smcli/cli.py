@@ -266,13 +266,19 @@ def convert(
         typer.Option(help="Grid origin: min (CAMELYON16/PANDA datasets) or zero (TRIDENT)."),
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to assume any torchmil default.")] = False,
+    n_heads: Annotated[
+        int | None,
+        typer.Option("--n-heads", help="SmTransformerABMIL's transf_n_heads (not in the tensors)."),
+    ] = None,
 ) -> None:
-    """Turn a torchmil SmAttentionPool/SmABMIL training file into an smcli checkpoint.
+    """Turn a torchmil SmAttentionPool/SmABMIL/SmTransformerABMIL training file into an smcli checkpoint.
 
     in_dim, att_dim, spectral norm, trainable alpha and the head are read off the tensors; every
     other setting comes from a flag, else --config, else the file's hyper_parameters, else
     torchmil's default, which is then named on one `note:` line (an error with --strict). The file
     is read with torch.load(weights_only=True): a pickle that tries to run code is refused.
+    SmTransformerABMIL: the encoder's layers, dims and MLP come from the tensors; --n-heads (or
+    transf_n_heads in --config) is required; its other transf_* settings come from --config.
 
     Example:
         smcli convert smabmil.pt -o model.safetensors --config train_config.json --strict
@@ -296,6 +302,7 @@ def convert(
             origin,
             config,
             strict,
+            n_heads=n_heads,
         )
         result = convert_checkpoint(state_dict, output, options)
     except SmcliError as err:
