@@ -194,6 +194,7 @@ def score(
     from smcli.scoring import ScoreOptions
 
     reporter = Reporter(quiet=quiet)
+    reporter.table_on_stdout = output is None  # such a table cannot carry its coords' unit
     try:
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         if top_k is not None and top_k < 1:
@@ -334,7 +335,7 @@ def convert(
     pool = result.config.pool
     _stderr(
         f"smcli: wrote {output} from a {result.found} "
-        f"({'SmABMIL' if result.config.head else 'SmAttentionPool'}, in_dim {pool.in_dim}, "
+        f"({result.config.kind}, in_dim {pool.in_dim}, "
         f"att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, alpha {pool.sm_alpha})"
     )
 
@@ -445,12 +446,17 @@ def _inspect_lines(info: dict) -> list[str]:
         graph = info["config"].get("graph", {})
         rows = [
             ("model", f"{info['model']} (in_dim {info['in_dim']}, head {'yes' if info['head'] else 'no'})"),
+            ("layout", info["architecture"]),
             ("pool", ", ".join(f"{k} {v}" for k, v in pool.items())),
             ("graph", ", ".join(f"{k} {v}" for k, v in graph.items())),
             ("parameters", f"{info['n_parameters']:,}"),
             ("sha256", info["sha256"]),
             ("tensors", tensors),
         ]
+        if "transformer" in info["config"]:
+            rows.insert(
+                3, ("transformer", ", ".join(f"{k} {v}" for k, v in info["config"]["transformer"].items()))
+            )
         if info["config"].get("assumed"):  # settings `convert` took from torchmil defaults
             rows.insert(3, ("assumed", ", ".join(info["config"]["assumed"])))
     else:
