@@ -294,13 +294,19 @@ def convert(
         typer.Option(help="Grid origin: min (CAMELYON16/PANDA datasets) or zero (TRIDENT)."),
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse to assume any torchmil default.")] = False,
+    n_heads: Annotated[
+        int | None,
+        typer.Option("--n-heads", help="SmTransformerABMIL's transf_n_heads (not in the tensors)."),
+    ] = None,
 ) -> None:
-    """Turn a torchmil SmAttentionPool/SmABMIL training file into an smcli checkpoint.
+    """Turn a torchmil SmAttentionPool/SmABMIL/SmTransformerABMIL training file into an smcli checkpoint.
 
     in_dim, att_dim, spectral norm, trainable alpha and the head are read off the tensors; every
     other setting comes from a flag, else --config, else the file's hyper_parameters, else
     torchmil's default, which is then named on one `note:` line (an error with --strict). The file
     is read with torch.load(weights_only=True): a pickle that tries to run code is refused.
+    SmTransformerABMIL: the encoder's layers, dims and MLP come from the tensors; --n-heads (or
+    transf_n_heads in --config) is required; its other transf_* settings come from --config.
 
     Example:
         smcli convert smabmil.pt -o model.safetensors --config train_config.json --strict
@@ -324,6 +330,7 @@ def convert(
             origin,
             config,
             strict,
+            n_heads=n_heads,
         )
         result = convert_checkpoint(state_dict, output, options)
     except SmcliError as err:
@@ -700,6 +707,10 @@ def view(
     ] = None,
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, open no browser.")] = False,
     mpp: MppOption = None,
+    norm: NormOption = "rank",
+    cmap: CmapOption = "inferno",
+    vmin: VminOption = None,
+    vmax: VmaxOption = None,
     column: ColumnOption = "attention_logit",
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
@@ -712,7 +723,8 @@ def view(
     Serves a local web page (nothing loads from the internet) and prints its URL, with a one-time
     token, as the first line of stdout; Ctrl-C stops it. Hover a patch for its numbers, click a
     top patch to go there, switch bags, or put two tables of one bag side by side (linked pan and
-    zoom). Without --slide the patch grid is the image. Coords in micrometres are placed on the
+    zoom). --norm, --cmap and --vmin/--vmax set how the page starts (as for heatmap); the page
+    changes them. Without --slide the patch grid is the image. Coords in micrometres are placed on the
     slide with its microns per pixel, or --mpp. The page needs the token; only the tables and
     slides named here are served.
 
@@ -721,10 +733,19 @@ def view(
     """
     from smcli.bags import BagKeys
     from smcli.view.data import ViewBag, ViewRequest, load_bags
-    from smcli.view.server import LOCAL_NAMES, ServeOptions, serve_until_stopped, start
+    from smcli.view.server import (
+        LOCAL_NAMES,
+        PageSettings,
+        ServeOptions,
+        check_settings,
+        serve_until_stopped,
+        start,
+    )
 
     try:
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
+        settings = PageSettings(norm, cmap, vmin, vmax)
+        check_settings(settings)
         keys = BagKeys(features_key, coords_key, labels_key)
         request = ViewRequest(inputs, model, slide, column, patch_size, dist_thr, keys, mpp)
         bags = []
@@ -741,7 +762,7 @@ def view(
             from smcli.errors import BagError
 
             raise BagError("no bag to show")
-        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ())))
+        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ()), settings=settings))
     except SmcliError as err:
         raise _exit_on(err) from None
     if host not in LOCAL_NAMES:
