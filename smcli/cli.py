@@ -46,9 +46,11 @@ def _root(
 
 
 ModelOption = Annotated[
-    Path,
+    list[Path] | None,
     typer.Option(
-        "--model", "-m", envvar="SMCLI_MODEL", help="smcli checkpoint (.safetensors); env SMCLI_MODEL."
+        "--model",
+        "-m",
+        help="smcli checkpoint (.safetensors); repeat for an ensemble; env SMCLI_MODEL (one path).",
     ),
 ]
 PatchSizeOption = Annotated[
@@ -136,7 +138,7 @@ def score(
             help="Bag files (.safetensors, .h5) or directories of them; '-' reads paths from stdin."
         ),
     ],
-    model: ModelOption,
+    model: ModelOption = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -160,6 +162,10 @@ def score(
         str | None,
         typer.Option("--shard", help="K/N: score only the K-th of N slices of the sorted inputs."),
     ] = None,
+    ensemble: Annotated[
+        str | None,
+        typer.Option("--ensemble", help="How several -m models combine: mean (the default) or max."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     top_k: Annotated[
         int | None, typer.Option("--top-k", help="Keep only the K highest-attention patches per bag, ranked.")
@@ -173,6 +179,10 @@ def score(
     ] = False,
 ) -> None:
     """Score bags: per-patch attention logits and weights (and the bag logit with a head).
+
+    Several -m score every bag with each model, on one graph: per-model columns
+    attention_logit_<name> / attention_weight_<name> (name: the checkpoint's file stem), and the
+    ensemble's attention_weight and probability (--ensemble mean, the default, or max).
 
     Example:
         smcli score sample_bags/ -m sample_bags/models/sm_abmil.safetensors -o scores/
@@ -192,9 +202,14 @@ def score(
             raise UsageError(f"--top-k must be at least 1, got {top_k}")
         if skip_existing and overwrite:
             raise UsageError("--skip-existing and --overwrite exclude each other")
+        models = _models(model)
+        if ensemble is not None and len(models) < 2:
+            raise UsageError("--ensemble needs two or more models (-m A -m B)")
         request = ScoreRequest(
             inputs=_expand_stdin(inputs),
-            model=model,
+            model=models[0],
+            more_models=models[1:],
+            ensemble=ensemble or "mean",
             output=output,
             fmt=fmt,
             device=device,
@@ -216,6 +231,19 @@ def score(
         raise _exit_on(err) from None
     reporter.finish(run.line())
     raise typer.Exit(code=run.exit_code)
+
+
+def _models(given: list[Path] | None) -> list[Path]:
+    """The -m checkpoints in order, else SMCLI_MODEL (one path, spaces and all), else a UsageError."""
+    import os
+
+    from smcli.errors import UsageError
+
+    if given:
+        return list(given)
+    if os.environ.get("SMCLI_MODEL"):
+        return [Path(os.environ["SMCLI_MODEL"])]
+    raise UsageError("no model: pass -m MODEL (or set SMCLI_MODEL)")
 
 
 def _expand_stdin(inputs: list[Path]) -> list[Path]:
