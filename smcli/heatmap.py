@@ -38,6 +38,7 @@ NORMS = ("raw", "minmax", "rank", "log")
 DEFAULT_CMAP = "inferno"
 TARGET_SIDE = 800  # pixels on the longer side of a grid map, give or take a cell's rounding
 MAX_CELLS = 16_000_000  # 4000 x 4000 cells: far beyond any slide at a sane patch step
+MAX_GRID_SIDE = 16_000  # cells on one side: a picture of at least that many pixels
 LUT_SIZE = 256  # colours per map, as matplotlib's own colour maps hold them
 
 CHECKER = ((236, 236, 236), (206, 206, 206))  # "no patch": two light greys in 4-px squares
@@ -288,10 +289,12 @@ def render_grid(
     except GraphError as err:
         raise BagError(f"{where}: {err}") from None
     nx, ny = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
-    if nx * ny > MAX_CELLS:  # a step far below the real one (e.g. inferred from jittered coords)
+    # a step far below the real one (e.g. inferred from jittered coords), or a thin strip of
+    # patches: each side is bounded too (a picture side past 2^16 px is more than PNG writers take)
+    if nx * ny > MAX_CELLS or max(nx, ny) > MAX_GRID_SIDE:
         raise BagError(
-            f"{where}: a grid of {nx} x {ny} cells at patch step {bag.patch_step:g} "
-            "is too large to draw; check --patch-size"
+            f"{where}: a grid of {nx} x {ny} cells at patch step {bag.patch_step:g} is too large to "
+            f"draw (at most {MAX_GRID_SIDE} cells a side, {MAX_CELLS} in all); check --patch-size"
         )
     cell = max(1, TARGET_SIDE // max(nx, ny))
     cmap = colour_map(cmap_name)

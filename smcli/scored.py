@@ -92,6 +92,9 @@ def read_table(path: Path, column: str, patch_size: float | None) -> list[BagVal
         table = table.assign(bag_id=path.stem)
     summaries = bags_file_rows(path)
     stated_units = parquet_units(path) if path.suffix == ".parquet" else {}
+    unnamed = int(table["bag_id"].isna().sum() + (table["bag_id"].astype(str).str.strip() == "").sum())
+    if unnamed:  # groupby would drop these rows: never a silent picture-less exit 0
+        raise BagError(f"{path}: {unnamed} of {len(table)} rows have an empty bag_id")
     found = []
     for bag_id, rows in table.groupby("bag_id", sort=False):
         coords = rows[["x", "y"]].to_numpy()

@@ -235,3 +235,21 @@ def test_a_two_row_table_spanning_4e9_pixels_is_refused_without_allocating(tmp_p
     assert len(lines) == 1 and lines[0].startswith(f"error: {table}: far: a grid of 2 x ")
     assert "too large to draw; check --patch-size" in lines[0]
     assert peak < 50e6
+
+
+def test_a_thin_strip_of_cells_is_one_line_with_the_size_and_limit(tmp_path):
+    table = tmp_path / "strip.csv"  # 2 rows spanning 16M x 1 cells: within the area bound, not a side
+    table.write_text("bag_id,instance,x,y,attention_logit\na,0,0,0,1.0\na,1,4096000000,0,2.0\n")
+    result = invoke("heatmap", table, "-o", tmp_path / "maps", "--patch-size", "256")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"error: {table}: a: a grid of 16000001 x 1 cells at patch step 256 is too large to draw "
+        "(at most 16000 cells a side, 16000000 in all); check --patch-size\n"
+    )
+
+
+def test_a_table_with_an_empty_bag_id_is_an_error_not_a_silent_exit_0(tmp_path):
+    table = tmp_path / "unnamed.csv"
+    table.write_text("bag_id,instance,x,y,attention_logit\n,0,0,0,1.0\nb,1,256,0,2.0\n")
+    result = invoke("heatmap", table, "-o", tmp_path / "maps")
+    assert (result.exit_code, result.stderr) == (1, f"error: {table}: 1 of 2 rows have an empty bag_id\n")
