@@ -30,6 +30,10 @@ class Backend(Protocol):
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """An uninitialized array, 64-byte aligned (the staging buffer's bits must not depend on it)."""
 
+    def gemm_ready(self, array: Any) -> bool:
+        """Whether a float32 array can go to the GEMM as it is, its bits the same as from the
+        aligned staging buffer (else the model copies it there first)."""
+
     def sparse(self, matrix: Any, dtype: Any) -> Any:
         """scipy.sparse CSR matrix (host) -> the backend's sparse matrix in dtype."""
 

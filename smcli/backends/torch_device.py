@@ -41,6 +41,9 @@ class TorchBackend:
     def empty(self, shape: tuple[int, ...], dtype: Any):
         return self.torch.empty(shape, dtype=dtype, device=self.device)  # the caching allocator aligns
 
+    def gemm_ready(self, array: Any) -> bool:
+        return False  # host arrays go to the device through the staging buffer anyway
+
     def sparse(self, matrix: Any, dtype: Any):
         import warnings
 
