@@ -46,6 +46,9 @@ class Backend(Protocol):
     def axpy(self, y: Any, x: Any, alpha: float) -> None:
         """y += alpha * x in place (no temporary of y's size)."""
 
+    def gelu(self, x: Any) -> Any:
+        """Exact GELU, x (1 + erf(x / sqrt 2)) / 2, elementwise; x may be overwritten."""
+
     def erf(self, x: Any) -> Any:
         """The error function, elementwise, in place where the backend allows (x is consumed)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,10 @@ ALIGNMENT = 64  # bytes; a cache line, and more than any SIMD load needs
 GEMM_ALIGNMENT = 16
 THREADED_MIN_VALUES = 1 << 20  # N x C below this: one thread (the hand-off would cost more)
 MAX_THREADS = 8
+
+
+def _float32_in_place(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable
 
 
 def thread_count() -> int:
@@ -179,8 +184,24 @@ class CpuBackend:
         axpy = get_blas_funcs("axpy", (y,))
         axpy(x.reshape(-1), y.reshape(-1), a=alpha)
 
+    def gelu(self, x):
+        if _float32_in_place(x):  # numpy's float32 SIMD loops, a chunk at a time in cache
+            from smcli.backends.erf32 import gelu32
+
+            return gelu32(x)
+        gate = x * (1.0 / math.sqrt(2.0))
+        gate = self.erf(gate)
+        gate += 1.0
+        gate *= x
+        gate *= 0.5
+        return gate
+
     def erf(self, x):
-        from scipy.special import erf
+        if _float32_in_place(x):
+            from smcli.backends.erf32 import erf32
+
+            return erf32(x)
+        from scipy.special import erf  # float64 (and anything else): exact, element by element
 
         return erf(x, out=x)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,13 @@ class TorchBackend:
 
     def axpy(self, y, x, alpha: float) -> None:
         y.add_(x, alpha=alpha)
+
+    def gelu(self, x):
+        gate = self.torch.special.erf(x * (1.0 / math.sqrt(2.0)))
+        gate += 1.0
+        gate *= x
+        gate *= 0.5
+        return gate
 
     def erf(self, x):
         return self.torch.special.erf(x)
