@@ -82,15 +82,16 @@ bag, model_path, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tensors = load_file(bag)
 features, coords = tensors["features"], tensors["coords"]
 module = load_model(model_path).module
-times = []
+times, cpu = [], []
 for run in range(repeats + 1):
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     adjacency = build_adjacency(grid_cells(coords, 512))
     graph = SmGraph(adjacency.to_scipy(), module.backend, symmetric=True)
     module.attention(features, graph)
     if run:
         times.append(time.perf_counter() - started)
-print(json.dumps(times))
+        cpu.append(time.process_time() - started_cpu)
+print(json.dumps([times, cpu]))
 """
 
 
@@ -101,7 +102,8 @@ def child_env(tree: Path) -> dict[str, str]:
     return env
 
 
-def whole_process(tree: Path, bag: Path, model: Path, out: Path) -> tuple[float, float]:
+def whole_process(tree: Path, bag: Path, model: Path, out: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS MiB of one `smcli score` process."""
     out.unlink(missing_ok=True)
     command = [sys.executable, "-m", "smcli", "score", str(bag), "-m", str(model), "-o", str(out)]
     started = time.perf_counter()
@@ -112,10 +114,10 @@ def whole_process(tree: Path, bag: Path, model: Path, out: Path) -> tuple[float,
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{tree}: smcli score failed")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
-def in_process(tree: Path, bag: Path, model: Path, repeats: int) -> list[float]:
+def in_process(tree: Path, bag: Path, model: Path, repeats: int) -> list[list[float]]:
     command = [sys.executable, "-c", IN_PROCESS, str(bag), str(model), str(repeats)]
     result = subprocess.run(
         command, env=child_env(tree), cwd=bag.parent, capture_output=True, text=True, check=True
@@ -152,16 +154,20 @@ def main(argv: list[str] | None = None) -> None:
         bag, models = write_inputs(workdir, args.n, args.seed)
         start_load = load()
         walls: dict[tuple[str, str], list[float]] = {}
+        cpus: dict[tuple[str, str], list[float]] = {}
         rss: dict[tuple[str, str], list[float]] = {}
-        inproc: dict[tuple[str, str], list[float]] = {}
+        inproc: dict[tuple[str, str], list[list[float]]] = {}
         configs = args.configs.split(",")
         for config in configs:
             for side, tree in trees.items():  # warm the page cache and the bytecode
                 whole_process(tree, bag, models[config], workdir / f"{side}-{config}.csv")
             for _ in range(args.repeats):
                 for side, tree in trees.items():
-                    wall, peak = whole_process(tree, bag, models[config], workdir / f"{side}-{config}.csv")
+                    wall, cpu, peak = whole_process(
+                        tree, bag, models[config], workdir / f"{side}-{config}.csv"
+                    )
                     walls.setdefault((side, config), []).append(wall)
+                    cpus.setdefault((side, config), []).append(cpu)
                     rss.setdefault((side, config), []).append(peak)
             for side, tree in trees.items():
                 inproc[(side, config)] = in_process(tree, bag, models[config], args.repeats)
@@ -174,21 +180,26 @@ def main(argv: list[str] | None = None) -> None:
             f"load average {start_load} at the start, {end_load} at the end\n"
         )
         print(
-            "| row | before s | after s | after / before | peak RSS MiB before → after | max \\|Δ logit\\| |"
+            "| row | before s (CPU s) | after s (CPU s) | after / before | peak RSS MiB | max \\|Δ logit\\| |"
         )
         print("|---|---:|---:|---:|---|---:|")
+
+        def cell(times: list[float], cpu: list[float]) -> str:
+            return f"{statistics.median(times):.3f} ({statistics.median(cpu):.3f})"
+
         for config in configs:
-            delta = np.abs(
-                logits(workdir / f"before-{config}.csv") - logits(workdir / f"after-{config}.csv")
-            ).max()
-            b, a = statistics.median(walls[("before", config)]), statistics.median(walls[("after", config)])
-            rb, ra = statistics.median(rss[("before", config)]), statistics.median(rss[("after", config)])
+            before_logits, after_logits = (logits(workdir / f"{side}-{config}.csv") for side in trees)
+            delta = np.abs(before_logits - after_logits).max()
+            b, a = (statistics.median(walls[(side, config)]) for side in trees)
+            rb, ra = (statistics.median(rss[(side, config)]) for side in trees)
+            before_cell, after_cell = (cell(walls[(side, config)], cpus[(side, config)]) for side in trees)
             print(
-                f"| `smcli score` {config}, whole process | {b:.3f} | {a:.3f} | {a / b:.2f} | "
+                f"| `smcli score` {config}, whole process | {before_cell} | {after_cell} | {a / b:.2f} | "
                 f"{rb:.0f} → {ra:.0f} | {delta:.1e} |"
             )
-            b, a = statistics.median(inproc[("before", config)]), statistics.median(inproc[("after", config)])
-            print(f"| in-process graph + model, {config} | {b:.3f} | {a:.3f} | {a / b:.2f} | | |")
+            b, a = (statistics.median(inproc[(side, config)][0]) for side in trees)
+            before_cell, after_cell = (cell(*inproc[(side, config)]) for side in trees)
+            print(f"| in-process graph + model, {config} | {before_cell} | {after_cell} | {a / b:.2f} | | |")
 
 
 if __name__ == "__main__":
