@@ -5,7 +5,9 @@ Metadata key `smcli_config` holds JSON:
      "head": bool, "graph": {"patch_size": float | null, "dist_thr": float, "normalize": bool,
      "weights": "binary" | "feature_distance", "origin": "min" | "zero"},
      "smcli_version": str, "training": {...optional recipe},
-     "assumed": ["sm_mode=approx", ...]  (settings `convert` took from torchmil defaults; optional)}
+     "assumed": ["sm_mode=approx", ...]  (settings `convert` took from torchmil defaults; optional),
+     "transformer": {in_dim, att_dim, n_layers, n_heads, use_mlp, add_self, dropout, sm_alpha,
+                     sm_mode, sm_steps}  (optional: present for SmTransformerABMIL, whose head is true)}
 Scoring loads only safetensors (no pickle is ever executed), into numpy: no torch import.
 Checkpoints are made by `smcli.convert` (from torchmil training files) and `smcli.export` (from a
 live torchmil model).
@@ -26,6 +28,7 @@ from smcli.errors import ModelError
 from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, MAX_DIST_THR, ORIGINS, GraphOptions
 from smcli.model import PoolConfig  # the model's constructor arguments; re-exported here
 from smcli.numeric import FLOAT32_MAX, count_non_finite
+from smcli.transformer import TransformerConfig, check_transformer_config
 
 CONFIG_KEY = "smcli_config"
 ACTS = ("tanh", "relu", "gelu")
@@ -47,6 +50,14 @@ class ModelConfig:
     training: dict[str, Any] = field(default_factory=dict)
     graph: GraphOptions = GraphOptions()
     assumed: tuple[str, ...] = ()  # "name=value" settings taken from torchmil defaults by convert
+    transformer: TransformerConfig | None = None  # SmTransformerABMIL's encoder (head is then true)
+
+    @property
+    def kind(self) -> str:
+        """The torchmil class this checkpoint reproduces."""
+        if self.transformer is not None:
+            return "SmTransformerABMIL"
+        return "SmABMIL" if self.head else "SmAttentionPool"
 
     def to_json(self) -> str:
         from smcli import __version__
@@ -61,6 +72,8 @@ class ModelConfig:
             document["training"] = self.training
         if self.assumed:
             document["assumed"] = list(self.assumed)
+        if self.transformer is not None:
+            document["transformer"] = asdict(self.transformer)
         return json.dumps(document, sort_keys=True)
 
 
@@ -121,13 +134,46 @@ def parse_config(text: str, path: Path) -> ModelConfig:
         if not isinstance(assumed, list) or not all(isinstance(item, str) for item in assumed):
             raise ValueError("assumed must be a list of strings")
         head = bool(document.get("head", False))
-        return ModelConfig(config, head, patch_size, dist_thr, training, options, tuple(assumed))
+        transformer = parse_transformer(document.get("transformer"), config, head)
+        return ModelConfig(config, head, patch_size, dist_thr, training, options, tuple(assumed), transformer)
     except json.JSONDecodeError as err:
         raise _fail(path, f"config metadata is not valid JSON ({err.msg})") from None
     except KeyError as err:
         raise _fail(path, f"config metadata lacks {err.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as err:
         raise _fail(path, f"invalid config: {err}") from None
+
+
+TRANSFORMER_KEYS = tuple(TransformerConfig.__dataclass_fields__)
+
+
+def parse_transformer(section: Any, pool: PoolConfig, head: bool) -> TransformerConfig | None:
+    """The `transformer` section of a config (None when absent); ValueError when it does not hold."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ValueError(f"transformer must be an object, got {section!r}")
+    unknown = sorted(set(section) - set(TRANSFORMER_KEYS))
+    if unknown:
+        raise ValueError(f"transformer has unknown settings {', '.join(unknown)}")
+    missing = [name for name in TRANSFORMER_KEYS if name not in section]
+    if missing:
+        raise ValueError(f"transformer lacks {', '.join(missing)}")
+    values = dict(section)
+    for name in ("use_mlp", "add_self"):
+        if not isinstance(values[name], bool):
+            raise ValueError(f"transformer {name} must be true or false, got {values[name]!r}")
+    for name in ("sm_alpha", "dropout"):
+        value = values[name]
+        if isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+    config = TransformerConfig(**values)
+    if config.in_dim != pool.in_dim:
+        raise ValueError(f"transformer in_dim {config.in_dim!r} is not the pool's in_dim {pool.in_dim}")
+    check_transformer_config(config)
+    if not head:
+        raise ValueError("a transformer model has a head (last_layer): head must be true")
+    return config
 
 
 def check_pool_config(config: PoolConfig) -> None:
@@ -202,6 +248,10 @@ def build_module(config: ModelConfig, seed: int = 0):
     from smcli.model import SmABMIL, SmAttentionPool
 
     pool = SmAttentionPool(config.pool, seed=seed)
+    if config.transformer is not None:
+        from smcli.transformer import SmTransformerABMIL
+
+        return SmTransformerABMIL(config.transformer, pool, seed=seed + 2)
     if config.head:
         return SmABMIL(pool, config.pool.in_dim, seed=seed + 1)
     return pool
@@ -262,16 +312,29 @@ def check_stored_tensors(path: Path, config: ModelConfig, tensors: dict) -> None
             f"the config's in_dim {pool.in_dim} x att_dim {pool.att_dim} needs "
             f"{pool.in_dim * pool.att_dim:,} weights, the file holds {stored:,} numbers",
         )
+    transformer = config.transformer
+    if transformer is not None:  # the qkv projections alone, before anything is allocated
+        needed = sum(3 * transformer.att_dim * in_l for in_l, _ in transformer.layer_dims())
+        if needed > stored:
+            raise _fail(
+                path,
+                f"the config's transformer ({transformer.n_layers} layers, att_dim {transformer.att_dim}) "
+                f"needs {needed:,} qkv weights, the file holds {stored:,} numbers",
+            )
     for name in sorted(tensors):
         if _is_floating(tensors[name]):
             bad = count_non_finite(np.asarray(tensors[name]))
             if bad:
                 raise _fail(path, f"tensor {name} has {bad} non-finite values (NaN or inf)")
-    coef = next((tensors[k] for k in ("sm.sm.coef", "pool.sm.sm.coef") if k in tensors), None)
-    if coef is not None and _is_floating(coef) and np.asarray(coef).size == 1 and pool.sm_mode == "approx":
-        value = float(np.asarray(coef, dtype=np.float64).reshape(()))
-        if 1.0 + value == 0.0:
-            raise _fail(path, f"sm.sm.coef is {value:g}: approx Sm divides by 1 + coef")
+    modes = {"sm.sm.coef": pool.sm_mode, "pool.sm.sm.coef": pool.sm_mode}
+    if config.transformer is not None:  # each encoder layer's Sm
+        modes.update({k: config.transformer.sm_mode for k in tensors if k.endswith("att_module.sm.sm.coef")})
+    for key, mode in modes.items():
+        coef = tensors.get(key)
+        if coef is not None and _is_floating(coef) and np.asarray(coef).size == 1 and mode == "approx":
+            value = float(np.asarray(coef, dtype=np.float64).reshape(()))
+            if 1.0 + value == 0.0:
+                raise _fail(path, f"{key} is {value:g}: approx Sm divides by 1 + coef")
 
 
 def feature_limit(module) -> float:
@@ -280,6 +343,8 @@ def feature_limit(module) -> float:
     |x W1^T + b1| <= max|x| * max_j ||W1_j||_1 + max|b1|, and the head's |w . z + b| likewise with
     z a convex combination of rows; a quarter of float32's range is left for Sm and activations.
     """
+    if hasattr(module, "feature_limit"):  # SmTransformerABMIL: the features meet the encoder first
+        return module.feature_limit()
     pool = getattr(module, "pool", module)
     budget = FLOAT32_MAX / 4
     limits = []

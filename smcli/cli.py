@@ -67,6 +67,30 @@ FeaturesKeyOption = Annotated[
 CoordsKeyOption = Annotated[str, typer.Option("--coords-key", help="Name of the coordinates tensor/dataset.")]
 LabelsKeyOption = Annotated[str, typer.Option("--labels-key", help="Name of the 0/1 instance labels.")]
 ColumnOption = Annotated[str, typer.Option("--column", help="Table column to draw.")]
+# the colour scale and overlay options, shared by every command that draws attention (heatmap, view)
+NormOption = Annotated[
+    str,
+    typer.Option(
+        "--norm",
+        help="rank (percentiles within each bag, the default), minmax, raw or log; "
+        "--norm raw --vmin A --vmax B puts every bag on one fixed scale.",
+    ),
+]
+CmapOption = Annotated[str, typer.Option("--cmap", help="matplotlib colour map name.")]
+VminOption = Annotated[
+    float | None, typer.Option("--vmin", help="With --norm raw: the value at the bottom of a fixed scale.")
+]
+VmaxOption = Annotated[
+    float | None, typer.Option("--vmax", help="With --norm raw: the value at the top of a fixed scale.")
+]
+AlphaOption = Annotated[
+    float | None,
+    typer.Option(
+        "--alpha",
+        help="One opacity for every colour over the slide (default: rising with the value, "
+        "0.15 at the bottom of the scale to 0.9 at the top).",
+    ),
+]
 MppOption = Annotated[
     float | None,
     typer.Option(
@@ -160,6 +184,7 @@ def score(
     from smcli.scoring import ScoreOptions
 
     reporter = Reporter(quiet=quiet)
+    reporter.table_on_stdout = output is None  # such a table cannot carry its coords' unit
     try:
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         if top_k is not None and top_k < 1:
@@ -282,7 +307,7 @@ def convert(
     pool = result.config.pool
     _stderr(
         f"smcli: wrote {output} from a {result.found} "
-        f"({'SmABMIL' if result.config.head else 'SmAttentionPool'}, in_dim {pool.in_dim}, "
+        f"({result.config.kind}, in_dim {pool.in_dim}, "
         f"att_dim {pool.att_dim}, {pool.sm_mode}/{pool.sm_where}, alpha {pool.sm_alpha})"
     )
 
@@ -393,12 +418,17 @@ def _inspect_lines(info: dict) -> list[str]:
         graph = info["config"].get("graph", {})
         rows = [
             ("model", f"{info['model']} (in_dim {info['in_dim']}, head {'yes' if info['head'] else 'no'})"),
+            ("layout", info["architecture"]),
             ("pool", ", ".join(f"{k} {v}" for k, v in pool.items())),
             ("graph", ", ".join(f"{k} {v}" for k, v in graph.items())),
             ("parameters", f"{info['n_parameters']:,}"),
             ("sha256", info["sha256"]),
             ("tensors", tensors),
         ]
+        if "transformer" in info["config"]:
+            rows.insert(
+                3, ("transformer", ", ".join(f"{k} {v}" for k, v in info["config"]["transformer"].items()))
+            )
         if info["config"].get("assumed"):  # settings `convert` took from torchmil defaults
             rows.insert(3, ("assumed", ", ".join(info["config"]["assumed"])))
     else:
@@ -443,9 +473,11 @@ def heatmap(
         typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="Checkpoint to score bag inputs with."),
     ] = None,
     column: ColumnOption = "attention_logit",
-    norm: Annotated[str, typer.Option("--norm", help="raw, minmax, rank (percentiles) or log.")] = "rank",
-    cmap: Annotated[str, typer.Option("--cmap", help="matplotlib colour map name.")] = "inferno",
-    labels: Annotated[bool, typer.Option("--labels", help="Outline the patches labelled 1 (grid).")] = False,
+    norm: NormOption = "rank",
+    cmap: CmapOption = "inferno",
+    vmin: VminOption = None,
+    vmax: VmaxOption = None,
+    labels: Annotated[bool, typer.Option("--labels", help="Outline the patches labelled 1.")] = False,
     slide: Annotated[
         Path | None,
         typer.Option("--slide", help="Draw on this slide, or on <bag_id>.* found in this directory."),
@@ -453,7 +485,20 @@ def heatmap(
     max_side: Annotated[
         int, typer.Option("--max-side", help="Longer side of the slide picture in pixels.")
     ] = 2000,
-    alpha: Annotated[float, typer.Option("--alpha", help="Opacity of the colours over the slide.")] = 0.4,
+    alpha: AlphaOption = None,
+    crop: Annotated[
+        bool,
+        typer.Option(
+            "--crop/--no-crop", help="Draw the patches' bounding box plus a margin, or the whole slide."
+        ),
+    ] = True,
+    top_outline: Annotated[
+        bool,
+        typer.Option(
+            "--top-outline/--no-top-outline",
+            help="Outline the top tenth of the colour scale on the slide (rank: the top 10% of patches).",
+        ),
+    ] = False,
     top_patches: Annotated[
         int | None,
         typer.Option("--top-patches", help="With --slide: cut the K highest patches at level 0, as PNGs."),
@@ -467,11 +512,15 @@ def heatmap(
 ) -> None:
     """Draw per-patch attention as PNG, one image per bag: on the patch grid, or over the slide.
 
-    The colour bar is labelled in the --norm's scale; the title shows the bag id and, when known,
-    the bag probability. Without --slide each patch fills its grid cell and a grey checkerboard
-    means no patch. With --slide the patches' level-0 footprints are blended over the slide's
-    thumbnail (--max-side, --alpha); areas without patches show the slide as it is. For tables the
-    patch step is --patch-size, else the one the score run recorded, else inferred from x, y.
+    The colour bar is labelled in the --norm's scale: rank (the default) is within each bag, so a
+    negative slide's top patches are as hot as a positive one's; --norm raw --vmin A --vmax B puts
+    a cohort on one fixed scale. The title shows the bag id and, when known, the bag probability.
+    Without --slide each patch fills its grid cell and a grey checkerboard means no patch. With
+    --slide the patches' level-0 footprints are drawn over the slide (--max-side), cropped to the
+    tissue (--no-crop: the whole slide), with opacity rising with the value (--alpha: one opacity);
+    --top-outline outlines the top tenth of the scale, --labels the label-1 patches; areas without
+    patches show the slide as it is. For tables the patch step is --patch-size, else the one the
+    score run recorded, else inferred from x, y.
     Coords in micrometres (STAMP) are placed with the slide's microns per pixel, or --mpp.
 
     Example:
@@ -499,6 +548,10 @@ def heatmap(
             alpha=alpha,
             top_patches=top_patches,
             mpp=mpp,
+            vmin=vmin,
+            vmax=vmax,
+            crop=crop,
+            top_outline=top_outline,
         )
         for result in run_heatmap(request):
             for text in result.notes:
@@ -594,6 +647,175 @@ def geojson(
     except SmcliError as err:
         raise _exit_on(err) from None
     raise typer.Exit(code=1 if failed else 0)
+
+
+@app.command("view")
+def view(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Scores tables (.csv/.parquet from `smcli score`), or bags with -m.")
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", envvar="SMCLI_MODEL", help="Checkpoint to score bag inputs with."),
+    ] = None,
+    slide: Annotated[
+        Path | None,
+        typer.Option("--slide", help="Show on this slide, or on <bag_id>.* found in this directory."),
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = 0,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (others can reach anything but 127.0.0.1).")
+    ] = "127.0.0.1",
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable).")
+    ] = None,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, open no browser.")] = False,
+    mpp: MppOption = None,
+    column: ColumnOption = "attention_logit",
+    patch_size: PatchSizeOption = None,
+    dist_thr: DistThrOption = None,
+    features_key: FeaturesKeyOption = "features",
+    coords_key: CoordsKeyOption = "coords",
+    labels_key: LabelsKeyOption = "labels",
+) -> None:
+    """Look at attention in the browser: the slide at every zoom with each patch's attention in place.
+
+    Serves a local web page (nothing loads from the internet) and prints its URL, with a one-time
+    token, as the first line of stdout; Ctrl-C stops it. Hover a patch for its numbers, click a
+    top patch to go there, switch bags, or put two tables of one bag side by side (linked pan and
+    zoom). Without --slide the patch grid is the image. Coords in micrometres are placed on the
+    slide with its microns per pixel, or --mpp. The page needs the token; only the tables and
+    slides named here are served.
+
+    Example:
+        smcli view scores/slide_01.csv scores_abmil/slide_01.csv --slide slides/
+    """
+    from smcli.bags import BagKeys
+    from smcli.view.data import ViewBag, ViewRequest, load_bags
+    from smcli.view.server import LOCAL_NAMES, ServeOptions, serve_until_stopped, start
+
+    try:
+        _check_positive(patch_size=patch_size, dist_thr=dist_thr)
+        keys = BagKeys(features_key, coords_key, labels_key)
+        request = ViewRequest(inputs, model, slide, column, patch_size, dist_thr, keys, mpp)
+        bags = []
+        for item in load_bags(request):
+            if isinstance(item, ViewBag):
+                bags.append(item)
+                for text in item.bag.warnings:
+                    _stderr(f"warning: {text}")
+                for text in item.notes:
+                    _stderr(f"note: {text}")
+            else:
+                _stderr(f"error: {item.error}")
+        if not bags:
+            from smcli.errors import BagError
+
+            raise BagError("no bag to show")
+        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ())))
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    if host not in LOCAL_NAMES:
+        _stderr(f"warning: listening on {host}: anyone who can reach it and has the URL sees these slides")
+    print(url, flush=True)
+
+    def open_browser() -> None:
+        if not no_browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    serve_until_stopped(server, open_browser)
+    raise typer.Exit(code=0)
+
+
+@app.command("evaluate")
+def evaluate(
+    directories: Annotated[
+        list[Path], typer.Argument(help="Output directories of `smcli score -o DIR`, one per model.")
+    ],
+    targets: Annotated[Path, typer.Option("--targets", help="CSV of slide id -> 0/1 target.")],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Directory for report.json, report.csv, slides.csv, roc.png, pr.png."
+        ),
+    ] = None,
+    id_column: Annotated[str, typer.Option("--id-column", help="Targets column of slide ids.")] = "slide_id",
+    target_column: Annotated[
+        str, typer.Option("--target-column", help="Targets column of 0/1 targets.")
+    ] = "target",
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Call a slide positive at probability >= T (0.5).")
+    ] = None,
+    threshold_from: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--threshold-from",
+            help="Scored directory (e.g. validation) to choose the threshold on by Youden's J; one per DIR.",
+        ),
+    ] = None,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% CIs.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="In ensemble outputs, this member's columns instead of the ensemble's."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print report.json on stdout instead of the table.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report in -o.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="With -o: no table on stderr.")] = False,
+) -> None:
+    """Evaluate scored directories against slide targets: AUROC, AP, balanced accuracy with CIs.
+
+    Bag level from each directory's _bags.csv probabilities; instance level (localization AUROC,
+    mean per bag and pooled) from per-bag tables with a `label` column; DeLong's test for each pair
+    of directories on the slides both scored. Without -o the table is the output (stdout); with -o
+    it goes to stderr and the report files are written. Slides left out (not in targets, missing,
+    failed) are listed on stderr and make the exit status 1.
+
+    Example:
+        smcli evaluate out/sm_abmil/ out/abmil/ --targets sample_bags/targets.csv -o report/
+    """
+    import json
+
+    from smcli.evaluate import EvaluateRequest
+    from smcli.evaluate import evaluate as run_evaluation
+    from smcli.report import left_out_lines, print_table, report_document, write_report
+
+    try:
+        request = EvaluateRequest(
+            directories,
+            targets,
+            id_column,
+            target_column,
+            threshold,
+            threshold_from or [],
+            n_boot,
+            seed,
+            model,
+        )
+        report = run_evaluation(request)
+        if output is not None:
+            written = write_report(report, output, overwrite)
+    except SmcliError as err:
+        raise _exit_on(err) from None
+    for line in left_out_lines(report):
+        _stderr(f"warning: {line}")
+    for model_report in report.models:
+        for note in model_report.notes:
+            _stderr(f"note: {note}")
+    if as_json:
+        typer.echo(json.dumps(report_document(report), indent=2))
+    elif output is None:
+        print_table(report, sys.stdout)
+    if output is not None:
+        if not quiet and not as_json:
+            print_table(report, sys.stderr)
+        _stderr(f"smcli: wrote {', '.join(str(path) for path in written)}")
+    raise typer.Exit(code=0 if report.complete else 1)
 
 
 def _check_positive(**values: float | None) -> None:

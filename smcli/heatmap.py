@@ -31,8 +31,8 @@ from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
 from smcli.files import per_bag_target
 from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, on_level0, prepare_output
-from smcli.slide import SlideFinder
-from smcli.units import SHORT, check_mpp_flag
+from smcli.slide import SlideFinder, border
+from smcli.units import SHORT, check_mpp_flag, mpp_from_properties
 
 NORMS = ("raw", "minmax", "rank", "log")
 DEFAULT_CMAP = "inferno"
@@ -43,6 +43,10 @@ LUT_SIZE = 256  # colours per map, as matplotlib's own colour maps hold them
 CHECKER = ((236, 236, 236), (206, 206, 206))  # "no patch": two light greys in 4-px squares
 CHECKER_SQUARE = 4
 OUTLINE = (0, 214, 255)  # cyan: the border of the label-1 patches
+TOP_FRACTION = 0.9  # the top tenth of the colour scale is outlined on the slide (rank: top decile)
+TOP_OUTLINE = (255, 255, 255)  # white, with a black ring outside it: visible on any stain or colour
+TOP_HALO = (0, 0, 0)
+OPACITY_LOW, OPACITY_HIGH = 0.15, 0.9  # default overlay opacity at the bottom and top of the scale
 DPI = 100
 
 PAD = 16  # figure geometry in pixels
@@ -50,6 +54,7 @@ TITLE_H = 52
 BAR_GAP = 24
 BAR_W = 22
 TICK_W = 84
+LABEL_W = 20  # the colour bar's own label, rotated
 LEGEND_H = 34
 MIN_BAR_H = 200
 MIN_WIDTH = 420
@@ -57,23 +62,73 @@ MIN_WIDTH = 420
 
 @dataclass(frozen=True)
 class Scale:
-    """Values mapped to [0, 1], and the colour bar's ticks: (position in [0, 1], label)."""
+    """Values mapped to [0, 1], and the colour bar's ticks: (position in [0, 1], label).
+
+    caption: the subtitle's words; bar_label: what the colour bar says it shows (whether the scale
+    is this bag's own or one fixed for every bag); top_label: what t >= TOP_FRACTION means.
+    """
 
     t: np.ndarray
     ticks: list[tuple[float, str]]
     caption: str
+    bar_label: str = ""
+    top_label: str = ""
 
 
-def normalize(values: np.ndarray, norm: str, where: str = "") -> Scale:
-    """(N,) finite values -> Scale. `where` names the data in errors (log of non-positive values)."""
+def check_scale(norm: str, vmin: float | None, vmax: float | None) -> None:
+    """UsageError unless --norm is known and --vmin/--vmax come together, with --norm raw, vmin < vmax.
+
+    Shared by every command that draws a colour scale (heatmap, view).
+    """
+    import math
+
+    if norm not in NORMS:
+        raise UsageError(f"unknown --norm {norm!r}: use {', '.join(NORMS)}")
+    if vmin is None and vmax is None:
+        return
+    if vmin is None or vmax is None:
+        raise UsageError("--vmin and --vmax go together: one fixed scale needs both ends")
+    if norm != "raw":
+        raise UsageError(f"--vmin/--vmax fix a raw scale: add --norm raw (not {norm})")
+    if not (math.isfinite(vmin) and math.isfinite(vmax) and vmin < vmax):
+        raise UsageError(f"--vmin must be below --vmax (both finite), got {vmin:g} and {vmax:g}")
+
+
+def normalize(
+    values: np.ndarray, norm: str, where: str = "", vmin: float | None = None, vmax: float | None = None
+) -> Scale:
+    """(N,) finite values -> Scale. `where` names the data in errors (log of non-positive values).
+
+    rank, minmax, log and plain raw are this bag's own scale (a negative slide's top patches are as
+    hot as a positive slide's); raw with vmin and vmax is one fixed scale, values beyond it clipped
+    to its ends: the same colour means the same value in every bag.
+    """
     values = np.asarray(values, dtype=np.float64)
     fractions = (0.0, 0.25, 0.5, 0.75, 1.0)
+    if norm == "raw" and vmin is not None and vmax is not None:
+        check_scale(norm, vmin, vmax)
+        t = np.clip((values - vmin) / (vmax - vmin), 0.0, 1.0)
+        ticks = [(f, f"{vmin + f * (vmax - vmin):.3g}") for f in fractions]
+        top = vmin + TOP_FRACTION * (vmax - vmin)
+        return Scale(
+            t,
+            ticks,
+            f"raw values, fixed scale {vmin:g} to {vmax:g}",
+            "raw value, fixed scale (same in every bag)",
+            f"value ≥ {top:.3g}",
+        )
     if norm == "rank":
         import pandas as pd
 
         ranks = pd.Series(values).rank(method="average").to_numpy()
         t = (ranks - 1.0) / (len(values) - 1) if len(values) > 1 else np.ones_like(values)
-        return Scale(t, [(f, f"{f * 100:.0f}%") for f in fractions], "percentile rank")
+        return Scale(
+            t,
+            [(f, f"{f * 100:.0f}%") for f in fractions],
+            "percentile rank within this bag",
+            "rank within this bag (not comparable across bags)",
+            "top 10% of this bag's patches",
+        )
     if norm == "log":
         bad = int((values <= 0).sum())
         if bad:
@@ -83,13 +138,33 @@ def normalize(values: np.ndarray, norm: str, where: str = "") -> Scale:
             )
         logs = np.log10(values)
         t, lo, hi = _stretch(logs)
-        return Scale(t, [(f, f"{10 ** (lo + f * (hi - lo)):.3g}") for f in fractions], "log scale")
+        top = 10 ** (lo + TOP_FRACTION * (hi - lo))
+        return Scale(
+            t,
+            [(f, f"{10 ** (lo + f * (hi - lo)):.3g}") for f in fractions],
+            "log scale, this bag's range",
+            "log value, this bag's min to max",
+            f"value ≥ {top:.3g}",
+        )
     if norm not in ("raw", "minmax"):
         raise UsageError(f"unknown --norm {norm!r}: use {', '.join(NORMS)}")
     t, lo, hi = _stretch(values)
+    top = lo + TOP_FRACTION * (hi - lo)
     if norm == "minmax":
-        return Scale(t, [(f, f"{f:g}") for f in fractions], "min-max scaled")
-    return Scale(t, [(f, f"{lo + f * (hi - lo):.3g}") for f in fractions], "raw values")
+        return Scale(
+            t,
+            [(f, f"{f:g}") for f in fractions],
+            "min-max scaled within this bag",
+            "this bag's min (0) to max (1)",
+            f"value ≥ {top:.3g}",
+        )
+    return Scale(
+        t,
+        [(f, f"{lo + f * (hi - lo):.3g}") for f in fractions],
+        "raw values, this bag's range",
+        "raw value, this bag's min to max",
+        f"value ≥ {top:.3g}",
+    )
 
 
 def _stretch(values: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -154,15 +229,17 @@ def outline_mask(cells: np.ndarray, labels: np.ndarray, nx: int, ny: int, cell: 
     marked[cells[positive, 1], cells[positive, 0]] = True
     region = np.repeat(np.repeat(marked, cell, axis=0), cell, axis=1)
     width = 1 if cell < 4 else max(2, cell // 8)  # visible, yet most of an edge cell keeps its colour
-    padded = np.pad(region, width, constant_values=False)
-    inner = region.copy()
-    height, span = region.shape
-    for d in range(1, width + 1):  # erosion by a (2w+1) cross, one shift at a time
-        inner &= padded[width - d : width - d + height, width : width + span]
-        inner &= padded[width + d : width + d + height, width : width + span]
-        inner &= padded[width : width + height, width - d : width - d + span]
-        inner &= padded[width : width + height, width + d : width + d + span]
-    return region & ~inner
+    return border(region, width)
+
+
+def outer_ring(region: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels just outside `region` (4-neighbours of it, not in it)."""
+    grown = region.copy()
+    grown[1:] |= region[:-1]
+    grown[:-1] |= region[1:]
+    grown[:, 1:] |= region[:, :-1]
+    grown[:, :-1] |= region[:, 1:]
+    return grown & ~region
 
 
 @dataclass
@@ -192,13 +269,20 @@ def _finite(bag: BagValues) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return np.asarray(bag.coords)[finite], bag.values[finite], labels
 
 
-def render_grid(bag: BagValues, norm: str = "rank", outline: bool = False, cmap_name: str = DEFAULT_CMAP):
+def render_grid(
+    bag: BagValues,
+    norm: str = "rank",
+    outline: bool = False,
+    cmap_name: str = DEFAULT_CMAP,
+    vmin: float | None = None,
+    vmax: float | None = None,
+):
     """The patch-grid heatmap of one bag as a Picture (no slide needed)."""
     from smcli.graph import GraphError, grid_cells
 
     coords, values, labels = _finite(bag)
     where = f"{bag.source}: {bag.bag_id}"
-    scale = normalize(values, norm, where)
+    scale = normalize(values, norm, where, vmin, vmax)
     try:
         cells = grid_cells(coords, bag.patch_step)
     except GraphError as err:
@@ -217,11 +301,15 @@ def render_grid(bag: BagValues, norm: str = "rank", outline: bool = False, cmap_
         pixels[outline_mask(cells, labels, nx, ny, cell)] = OUTLINE
     unit = SHORT.get(bag.coords_units, bag.coords_units)
     subtitle = f"{bag.column}, {scale.caption}; {values.shape[0]} patches, step {bag.patch_step:g} {unit}"
-    return compose(pixels, scale, cmap, _title(bag), subtitle, outlined, checker_legend=True)
+    legend = [CHECKER_SWATCH] + ([(OUTLINE, None, "label 1")] if outlined else [])
+    return compose(pixels, scale, cmap, _title(bag), subtitle, legend)
 
 
 def _title(bag: BagValues) -> str:
     return bag.bag_id if bag.probability is None else f"{bag.bag_id}    probability {bag.probability:.3f}"
+
+
+CHECKER_SWATCH = (None, None, "no patch")  # a legend entry drawn as the checkerboard
 
 
 def compose(
@@ -230,11 +318,11 @@ def compose(
     cmap,
     title: str,
     subtitle: str,
-    outlined: bool = False,
-    checker_legend: bool = False,
+    legend: list[tuple] = (),  # type: ignore[assignment]
 ) -> Picture:
     """A matplotlib figure: the map pixel for pixel at (PAD, TITLE_H), a colour bar with the scale's
-    ticks to its right, title and subtitle above, a legend ("no patch", "label 1") below."""
+    ticks and label (`scale.bar_label`) to its right, title and subtitle above, and a legend below:
+    entries (edge colour, halo colour or None, text), or CHECKER_SWATCH for "no patch"."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -243,7 +331,7 @@ def compose(
 
     map_h, map_w = pixels.shape[:2]
     bar_h = max(map_h, MIN_BAR_H)
-    width = max(PAD + map_w + BAR_GAP + BAR_W + TICK_W + PAD, MIN_WIDTH)
+    width = max(PAD + map_w + BAR_GAP + BAR_W + TICK_W + LABEL_W + PAD, MIN_WIDTH)
     height = TITLE_H + bar_h + LEGEND_H + PAD
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
     FigureCanvasAgg(figure)
@@ -262,54 +350,107 @@ def compose(
     colorbar.set_ticks([position for position, _ in scale.ticks])
     colorbar.set_ticklabels([label for _, label in scale.ticks])
     colorbar.ax.tick_params(labelsize=8)
+    if scale.bar_label:
+        colorbar.set_label(scale.bar_label, fontsize=8)
 
     legend_bottom = height - TITLE_H - bar_h - 26  # pixels from the figure's bottom edge
     x = PAD
-    if checker_legend:
-        figure.figimage(checkerboard(14, 14), xo=x, yo=legend_bottom, origin="upper", resize=False)
-        figure.text((x + 20) / width, (legend_bottom + 7) / height, "no patch", fontsize=9, va="center")
-        x += 110
-    if outlined:
-        swatch = Rectangle(
-            (x / width, legend_bottom / height),
-            14 / width,
-            14 / height,
-            transform=figure.transFigure,
-            fill=False,
-            edgecolor=np.asarray(OUTLINE) / 255,
-            linewidth=2.5,
-        )
-        figure.add_artist(swatch)
-        figure.text((x + 20) / width, (legend_bottom + 7) / height, "label 1", fontsize=9, va="center")
+    for edge, halo, text in legend:
+        if edge is None:
+            figure.figimage(checkerboard(14, 14), xo=x, yo=legend_bottom, origin="upper", resize=False)
+        else:
+            for colour, line in ((halo, 4.5), (edge, 2.0)) if halo is not None else ((edge, 2.5),):
+                figure.add_artist(
+                    Rectangle(
+                        (x / width, legend_bottom / height),
+                        14 / width,
+                        14 / height,
+                        transform=figure.transFigure,
+                        fill=False,
+                        edgecolor=np.asarray(colour) / 255,
+                        linewidth=line,
+                    )
+                )
+        figure.text((x + 20) / width, (legend_bottom + 7) / height, text, fontsize=9, va="center")
+        x += 20 + 7 * len(text) + 24  # about 7 px per character at 9 pt
     return Picture(figure, (PAD, TITLE_H), pixels)
 
 
 # --- the picture on the slide ---------------------------------------------------------------------
 
 
-def render_overlay(
-    bag: BagValues, thumbnail, norm: str = "rank", cmap_name: str = DEFAULT_CMAP, alpha: float = 0.4
-) -> Picture:
-    """The bag's attention blended over its slide's thumbnail (smcli.slide.Thumbnail) as a Picture."""
-    from smcli.slide import blend, check_inside, paint
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How attention is drawn over a slide (shared by heatmap and view).
 
-    coords, values, _ = _finite(bag)
+    alpha None: opacity rising with the value (OPACITY_LOW at the bottom of the scale, OPACITY_HIGH
+    at the top), so high attention stays the most visible thing on any stain; a number: that one
+    opacity everywhere. top_outline: a white line with a black ring around the patches in the top
+    tenth of the scale. labels: a cyan line around the label-1 patches.
+    """
+
+    norm: str = "rank"
+    cmap: str = DEFAULT_CMAP
+    alpha: float | None = None
+    vmin: float | None = None
+    vmax: float | None = None
+    top_outline: bool = False
+    labels: bool = False
+
+
+def render_overlay(bag: BagValues, thumbnail, style: OverlayStyle = OverlayStyle()) -> Picture:
+    """The bag's attention over its slide's thumbnail (smcli.slide.Thumbnail) as a Picture.
+
+    bag: coords and patch step in level-0 pixels (smcli.scored.on_level0); the thumbnail may show a
+    box of the slide (smcli.slide.crop_box): patches are painted relative to its origin.
+    """
+    from smcli.slide import blend, check_inside, opacity_ramp, paint
+
+    coords, values, labels = _finite(bag)
     where = f"{bag.source}: {bag.bag_id}"
     check_inside(coords, thumbnail.level0_size, where, thumbnail.path)
-    scale = normalize(values, norm, where)
-    cmap = colour_map(cmap_name)
+    scale = normalize(values, style.norm, where, style.vmin, style.vmax)
+    cmap = colour_map(style.cmap)
+    shape = thumbnail.pixels.shape[:2]
+    local = np.asarray(coords, dtype=np.float64) - np.asarray(thumbnail.origin)  # (N, 2) in the box
     try:
-        canvas = paint(coords, bag.patch_side, scale.t, thumbnail.pixels.shape[:2], thumbnail.scale)
+        canvas = paint(local, bag.patch_side, scale.t, shape, thumbnail.scale)
+        labelled = None
+        if style.labels and labels is not None and labels.any():
+            positive = np.asarray(labels, dtype=bool)
+            ones = np.ones(int(positive.sum()))
+            labelled = paint(local[positive], bag.patch_side, ones, shape, thumbnail.scale) >= 0
     except BagError as err:
         raise BagError(f"{where}: {err}") from None
-    pixels = blend(thumbnail.pixels, canvas, lookup_table(cmap), alpha)
+    lut = lookup_table(cmap)
+    alpha = opacity_ramp(LUT_SIZE, OPACITY_LOW, OPACITY_HIGH) if style.alpha is None else style.alpha
+    pixels = blend(thumbnail.pixels, canvas, lut, alpha)
+    legend: list[tuple] = []
+    line = max(1, round(max(shape) / 500))  # outline width: visible at 500-2000 px
+    if style.top_outline:
+        top = canvas >= TOP_FRACTION
+        if top.any():
+            edge = border(top, line)
+            pixels[outer_ring(top | edge)] = TOP_HALO
+            pixels[edge] = TOP_OUTLINE
+            legend.append((TOP_OUTLINE, TOP_HALO, scale.top_label))
+    if labelled is not None:
+        pixels[border(labelled, line)] = OUTLINE
+        legend.append((OUTLINE, None, "label 1"))
     width, height = thumbnail.level0_size
     converted = f" (from µm at {bag.converted_at})" if bag.converted_at else ""
+    opacity = "" if style.alpha is None else f", opacity {style.alpha:g}"
+    x0, y0 = (round(v) for v in thumbnail.origin)
+    shown_w, shown_h = (round(v * n) for v, n in zip(thumbnail.scale, shape[::-1], strict=True))
+    if thumbnail.region is None:
+        region = f"{thumbnail.path.name} ({width} x {height} px)"
+    else:
+        region = f"{thumbnail.path.name} x {x0}-{x0 + shown_w}, y {y0}-{y0 + shown_h}"
     subtitle = (
-        f"{bag.column}, {scale.caption}; {values.shape[0]} patches of {bag.patch_step:.4g} px{converted} "
-        f"on {thumbnail.path.name} ({width} x {height} px, shown 1:{thumbnail.scale[0]:.3g})"
+        f"{bag.column}, {scale.caption}{opacity}; {values.shape[0]} patches of {bag.patch_step:.4g} px"
+        f"{converted}; {region}"
     )
-    return compose(pixels, scale, cmap, _title(bag), subtitle)
+    return compose(pixels, scale, cmap, _title(bag), subtitle, legend)
 
 
 def top_patch_order(values: np.ndarray, k: int) -> np.ndarray:
@@ -326,7 +467,7 @@ def contact_sheet(crops: list[np.ndarray], captions: list[str], title: str):
 
     columns = min(5, len(crops))
     rows = -(-len(crops) // columns)
-    figure = Figure(figsize=(2.4 * columns, 2.6 * rows + 0.5), dpi=DPI, facecolor="white")
+    figure = Figure(figsize=(2.4 * columns, 2.8 * rows + 0.5), dpi=DPI, facecolor="white")
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.ravel():
@@ -355,9 +496,19 @@ class HeatmapRequest:
     cmap: str = DEFAULT_CMAP
     slide: Path | None = None  # one slide file, or a directory of slides named by bag_id
     max_side: int = 2000
-    alpha: float = 0.4
+    alpha: float | None = None  # None: opacity rising with the value (OverlayStyle)
     top_patches: int | None = None
     mpp: float | None = None  # µm per level-0 pixel; overrides the slide's (micrometre coords only)
+    vmin: float | None = None  # with --norm raw: one fixed scale for every bag
+    vmax: float | None = None
+    crop: bool = True  # draw the patches' bounding box plus a margin, not the whole slide
+    top_outline: bool = False
+
+    @property
+    def style(self) -> OverlayStyle:
+        return OverlayStyle(
+            self.norm, self.cmap, self.alpha, self.vmin, self.vmax, self.top_outline, self.labels
+        )
 
 
 @dataclass
@@ -412,11 +563,10 @@ def require_matplotlib() -> None:
 
 def check_request(request: HeatmapRequest) -> None:
     """UsageError for flags that cannot work, before anything is read or written."""
-    if request.norm not in NORMS:
-        raise UsageError(f"unknown --norm {request.norm!r}: use {', '.join(NORMS)}")
+    check_scale(request.norm, request.vmin, request.vmax)
     require_matplotlib()
     colour_map(request.cmap)
-    if not 0.0 <= request.alpha <= 1.0:
+    if request.alpha is not None and not 0.0 <= request.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], got {request.alpha}")
     check_mpp_flag(request.mpp)
     if request.top_patches is not None:
@@ -474,19 +624,27 @@ def draw_bag(
     if slide_path is None:
         if request.labels and bag.labels is None:
             result.warnings.append(f"{bag.source}: {bag.bag_id}: no labels to outline")
-        picture = render_grid(bag, request.norm, request.labels, request.cmap)
+        picture = render_grid(bag, request.norm, request.labels, request.cmap, request.vmin, request.vmax)
         save_rgb(picture.render(), path)
         result.written = path
         return
-    from smcli.slide import read_thumbnail
+    from smcli.slide import check_inside, crop_box, open_slide, read_thumbnail
 
-    if request.labels:
-        result.warnings.append(f"{bag.source}: {bag.bag_id}: --labels outlines the grid picture only")
-    thumbnail = read_thumbnail(slide_path, request.max_side)
-    bag, note = on_level0(bag, request.mpp, thumbnail.mpp, slide_path.name)
+    if request.labels and bag.labels is None:
+        result.warnings.append(f"{bag.source}: {bag.bag_id}: no labels to outline")
+    with open_slide(slide_path) as handle:  # the MPP and size first: the crop is in level-0 pixels
+        slide_mpp = mpp_from_properties(handle.properties)
+        level0_size = (int(handle.dimensions[0]), int(handle.dimensions[1]))
+    bag, note = on_level0(bag, request.mpp, slide_mpp, slide_path.name)
     if note:
         result.notes.append(note)
-    picture = render_overlay(bag, thumbnail, request.norm, request.cmap, request.alpha)
+    box = None
+    if request.crop:
+        coords = np.asarray(_finite(bag)[0], dtype=np.float64)
+        check_inside(coords, level0_size, f"{bag.source}: {bag.bag_id}", slide_path)
+        box = crop_box(coords, bag.patch_side, level0_size)
+    thumbnail = read_thumbnail(slide_path, request.max_side, box)
+    picture = render_overlay(bag, thumbnail, request.style)
     save_rgb(picture.render(), path)
     result.written = path
     if request.top_patches:
@@ -495,12 +653,14 @@ def draw_bag(
 
 def write_top_patches(bag: BagValues, slide_path: Path, base: Path, k: int) -> list[Path]:
     """The k highest-attention patches cut from the slide at level 0 (bag.patch_step px):
-    `<base>_top/rank_001_instance_<i>.png` ..., and the contact sheet `<base>_top.png`."""
+    `<base>_top/rank_001_instance_<i>_x<x>_y<y>.png` ... (x, y: the patch's level-0 corner, so a crop
+    can be found again on the slide), and the contact sheet `<base>_top.png`, captioned alike."""
     from smcli.slide import read_patches
 
     chosen = top_patch_order(bag.values, k)
     step = int(round(bag.patch_step))
-    crops = read_patches(slide_path, np.asarray(bag.coords)[chosen], step)
+    corners = np.rint(np.asarray(bag.coords, dtype=np.float64)[chosen]).astype(np.int64)  # (k, 2) level 0
+    crops = read_patches(slide_path, corners, step)
     folder = base.with_name(f"{base.name}_top")
     try:
         folder.mkdir(exist_ok=True)
@@ -509,14 +669,16 @@ def write_top_patches(bag: BagValues, slide_path: Path, base: Path, k: int) -> l
     instances = bag.instance_ids[chosen]
     weights = bag.scores.get("attention_weight")
     written, captions = [], []
-    for rank, (index, instance, crop) in enumerate(zip(chosen, instances, crops, strict=True), start=1):
-        path = folder / f"rank_{rank:03d}_instance_{int(instance)}.png"
+    for rank, (index, instance, crop, (x, y)) in enumerate(
+        zip(chosen, instances, crops, corners.tolist(), strict=True), start=1
+    ):
+        path = folder / f"rank_{rank:03d}_instance_{int(instance)}_x{x}_y{y}.png"
         save_rgb(crop, path)
         written.append(path)
         shown = (
             f"weight {weights[index]:.3g}" if weights is not None else f"{bag.column} {bag.values[index]:.3g}"
         )
-        captions.append(f"#{rank}  instance {int(instance)}\n{shown}")
+        captions.append(f"#{rank}  instance {int(instance)}\nx {x}, y {y}\n{shown}")
     sheet = base.with_name(f"{base.name}_top.png")
     title = f"{bag.bag_id}: top {len(crops)} patches by {bag.column} ({step} px at level 0)"
     save_figure(contact_sheet(crops, captions, title), sheet)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from smcli.bags import BagKeys, is_hdf5, load_bag, resolve_geometry
-from smcli.checkpoint import CONFIG_KEY, LoadedModel, load_model
+from smcli.checkpoint import CONFIG_KEY, LoadedModel, ModelConfig, has_sm, load_model
 from smcli.errors import BagError
 from smcli.graph import DEFAULT_DIST_THR, GraphError, build_adjacency, grid_cells_with_origin
 from smcli.readers import COORDS_UNITS
@@ -58,7 +58,8 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
     return {
         "path": str(path),
         "kind": "checkpoint",
-        "model": "SmABMIL" if loaded.config.head else "SmAttentionPool",
+        "model": loaded.config.kind,
+        "architecture": architecture(loaded.config),
         "in_dim": loaded.in_dim,
         "head": loaded.config.head,
         "n_parameters": loaded.n_parameters,
@@ -66,6 +67,42 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
         "config": stored,
         "tensors": list_tensors(path),
     }
+
+
+def _sm_text(mode: str, alpha: Any, steps: int) -> str:
+    alpha_text = "trainable alpha" if alpha == "trainable" else f"alpha {alpha:g}"
+    return f"Sm {mode}, {alpha_text}" + (f", {steps} steps" if mode == "approx" else "")
+
+
+def architecture(config: ModelConfig) -> str:
+    """One line: the model's stages with their dimensions and Sm modes, in forward order."""
+    pool = config.pool
+    if pool.sm_where == "none" or not has_sm(pool):
+        pool_sm = "no Sm"
+    else:
+        pool_sm = f"{_sm_text(pool.sm_mode, pool.sm_alpha, pool.sm_steps)} ({pool.sm_where})"
+    stages = []
+    transformer = config.transformer
+    if transformer is not None:
+        head_dim = transformer.att_dim // transformer.n_heads
+        parts = [
+            f"{transformer.n_layers} layer{'s' if transformer.n_layers != 1 else ''} x "
+            f"{transformer.n_heads} heads (head_dim {head_dim})",
+            f"in_dim {transformer.in_dim} -> att_dim {transformer.att_dim}",
+            f"MLP {4 * transformer.att_dim}" if transformer.use_mlp else "no MLP",
+            "add_self" if transformer.add_self else "no add_self",
+            _sm_text(transformer.sm_mode, transformer.sm_alpha, transformer.sm_steps),
+        ]
+        if transformer.dropout:
+            parts.append(f"dropout {transformer.dropout:g} not applied")
+        stages.append("SmTransformerEncoder [" + "; ".join(parts) + "]")
+    spectral = "; spectral norm" if pool.spectral_norm else ""
+    stages.append(
+        f"SmAttentionPool [in_dim {pool.in_dim} -> att_dim {pool.att_dim}, {pool.act}; {pool_sm}{spectral}]"
+    )
+    if config.head:
+        stages.append(f"Linear [{pool.in_dim} -> 1]")
+    return " -> ".join(stages)
 
 
 def bag_info(

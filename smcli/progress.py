@@ -29,6 +29,8 @@ class Reporter:
         self.progress: Any = None  # rich.progress.Progress on a terminal
         self.task: Any = None
         self.inferred_steps: set[float] = set()  # said once each, not once per bag
+        self.table_on_stdout = False  # set by the CLI: a stdout CSV has no bags file to record units
+        self.units_warned = False
 
     def line(self, text: str) -> None:
         text = printable(text)
@@ -78,6 +80,12 @@ class Reporter:
                 self.line(f"note: {summary.path}: patch step {step:g} inferred from the coords")
             for warning in summary.warnings:
                 self.line(f"warning: {summary.path}: {warning}")
+            if self.table_on_stdout and summary.coords_units == "micrometres" and not self.units_warned:
+                self.units_warned = True  # once per run
+                self.line(
+                    f"warning: {summary.path}: coords in micrometres, and a CSV on stdout cannot record "
+                    "the unit (heatmap and geojson would take it as level-0 pixels): write it with -o"
+                )
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = f"{self.patches / elapsed:,.0f} patches/s"
         if self.progress is not None:

@@ -85,18 +85,26 @@ def _extension(rest: str) -> bool:
 
 @dataclass
 class Thumbnail:
-    """The slide at drawing scale: pixels (H, W, 3) uint8, and the level-0 size it stands for."""
+    """The slide, or a box of it, at drawing scale: pixels (H, W, 3) uint8 showing the level-0
+    region (x, y, width, height), on a slide of level0_size."""
 
     path: Path
     pixels: np.ndarray
-    level0_size: tuple[int, int]  # (width, height) in level-0 pixels
+    level0_size: tuple[int, int]  # (width, height) of the whole slide in level-0 pixels
     mpp: tuple[float, float] | None = None  # microns per level-0 pixel (x, y), when the slide says
+    region: tuple[float, float, float, float] | None = None  # level-0 (x, y, w, h) shown; None: all
+
+    @property
+    def origin(self) -> tuple[float, float]:
+        """Level-0 (x, y) of the thumbnail's top-left corner."""
+        return (0.0, 0.0) if self.region is None else (self.region[0], self.region[1])
 
     @property
     def scale(self) -> tuple[float, float]:
         """(sx, sy): level-0 pixels per thumbnail pixel along x and y."""
         height, width = self.pixels.shape[:2]
-        return self.level0_size[0] / width, self.level0_size[1] / height
+        shown_w, shown_h = self.level0_size if self.region is None else self.region[2:]
+        return shown_w / width, shown_h / height
 
 
 def open_slide(path: Path):
@@ -117,8 +125,22 @@ def thumbnail_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def read_thumbnail(path: Path, max_side: int) -> Thumbnail:
-    """The whole slide with its longer side about `max_side` px (never enlarged).
+def crop_box(
+    coords: np.ndarray, side: tuple[float, float], level0_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """Level-0 (x0, y0, x1, y1): the patches' bounding box plus a margin (one patch side and 5 %
+    of the box's longer side), clipped to the slide. coords (N, 2) level-0 patch corners."""
+    low = coords.min(axis=0)  # (2,)
+    high = coords.max(axis=0) + np.asarray(side)  # (2,)
+    margin = np.asarray(side) + 0.05 * float((high - low).max())
+    x0, y0 = np.maximum(np.floor(low - margin), 0).astype(int).tolist()
+    x1, y1 = np.minimum(np.ceil(high + margin), level0_size).astype(int).tolist()
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def read_thumbnail(path: Path, max_side: int, box: tuple[int, int, int, int] | None = None) -> Thumbnail:
+    """The whole slide, or the level-0 box (x0, y0, x1, y1), with its longer side about `max_side`
+    px (never enlarged).
 
     Reads the pyramid level just above that size in horizontal bands of at most READ_PIXELS
     (a slide without a pyramid costs time, not memory), shrinks each band by the whole factor
@@ -136,17 +158,22 @@ def read_thumbnail(path: Path, max_side: int) -> Thumbnail:
         width, height = handle.dimensions
         if width < 1 or height < 1:
             raise BagError(f"{path}: the slide is empty ({width} x {height} pixels)")
-        size = thumbnail_size(width, height, max_side)
-        level = handle.get_best_level_for_downsample(max(width / size[0], height / size[1]))
-        level_w, level_h = handle.level_dimensions[level]
+        x0, y0, x1, y1 = (0, 0, width, height) if box is None else box
+        size = thumbnail_size(x1 - x0, y1 - y0, max_side)
+        level = handle.get_best_level_for_downsample(max((x1 - x0) / size[0], (y1 - y0) / size[1]))
         downsample = handle.level_downsamples[level]
+        if box is None:
+            level_w, level_h = handle.level_dimensions[level]
+        else:  # the box at this level, at least the target size (never enlarged by rounding down)
+            level_w = max(size[0], round((x1 - x0) / downsample))
+            level_h = max(size[1], round((y1 - y0) / downsample))
         factor = max(1, min(level_w // size[0], level_h // size[1]))  # box-shrink by this first
         rows = max(factor, READ_PIXELS // level_w // factor * factor)  # band height, a multiple of it
         bands = []
         try:
             for top in range(0, level_h, rows):
                 band_h = min(rows, level_h - top)
-                region = handle.read_region((0, round(top * downsample)), level, (level_w, band_h))
+                region = handle.read_region((x0, y0 + round(top * downsample)), level, (level_w, band_h))
                 band = _rgb_on_white(region)
                 bands.append(np.asarray(band.reduce(factor) if factor > 1 else band))
         except (openslide.OpenSlideError, OSError, ValueError) as err:
@@ -154,7 +181,8 @@ def read_thumbnail(path: Path, max_side: int) -> Thumbnail:
     image = Image.fromarray(np.concatenate(bands))
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
-    return Thumbnail(path, np.asarray(image), (int(width), int(height)), mpp)
+    shown = None if box is None else (float(x0), float(y0), level_w * downsample, level_h * downsample)
+    return Thumbnail(path, np.asarray(image), (int(width), int(height)), mpp, shown)
 
 
 def slide_mpp(path: Path) -> tuple[float, float] | None:
@@ -249,25 +277,49 @@ def paint(
     return canvas.reshape(height, width)
 
 
-def blend(pixels: np.ndarray, canvas: np.ndarray, lut: np.ndarray, alpha: float) -> np.ndarray:
-    """(H, W, 3) uint8: rint((1 - alpha) * slide + alpha * lut colour) where canvas >= 0, else the slide.
+def blend(pixels: np.ndarray, canvas: np.ndarray, lut: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: rint((1 - a) * slide + a * lut colour) where canvas >= 0, else the slide.
 
-    pixels: (H, W, 3) uint8; canvas: (H, W) from `paint`; lut: (L, 3) uint8 colours for t = 0..1.
-    Every (slide value, colour level) pair is mixed once into a (256, L + 1) table per channel, the
-    extra column meaning "no patch: keep the slide", so the frame is one gather per channel.
+    pixels: (H, W, 3) uint8; canvas: (H, W) from `paint`; lut: (L, 3) uint8 colours for t = 0..1;
+    alpha: one opacity a for every colour, or (L,) opacities, one per colour level (see
+    `opacity_ramp`). Every (slide value, colour level) pair is mixed once into a (256, L + 1) table
+    per channel, the extra column meaning "no patch: keep the slide", so the frame is one gather
+    per channel.
     """
     levels = lut.shape[0]
     code = np.where(canvas >= 0, np.rint(canvas * (levels - 1)), levels).astype(np.intp)  # (H, W)
     slide_values = np.arange(256, dtype=np.float64)[:, None]  # (256, 1)
+    opacity = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (levels,))[None, :]  # (1, L)
     out = np.empty_like(pixels)
     for channel in range(3):
         table = np.empty((256, levels + 1), dtype=np.uint8)
-        mixed = (1.0 - alpha) * slide_values + alpha * lut[None, :, channel].astype(np.float64)
+        mixed = (1.0 - opacity) * slide_values + opacity * lut[None, :, channel].astype(np.float64)
         table[:, :levels] = np.clip(np.rint(mixed), 0, 255)
         table[:, levels] = np.arange(256)
         flat = pixels[..., channel].astype(np.intp) * (levels + 1) + code  # (H, W)
         out[..., channel] = table.reshape(-1)[flat]
     return out
+
+
+def opacity_ramp(levels: int, low: float, high: float) -> np.ndarray:
+    """(levels,) opacities rising linearly from `low` (t = 0) to `high` (t = 1): low attention lets
+    the tissue through, high attention covers it, so the hottest colour is the most visible thing
+    whatever the stain under it (a fixed alpha mixes a pale top colour with dark tissue into grey)."""
+    return np.linspace(low, high, levels)
+
+
+def border(region: np.ndarray, width: int) -> np.ndarray:
+    """(H, W) bool: the pixels of `region` (H, W) bool within `width` px of its edge (inside), by
+    erosion with a (2w+1) cross, one shift at a time (no image library needed for a boolean mask)."""
+    padded = np.pad(region, width, constant_values=False)
+    inner = region.copy()
+    height, span = region.shape
+    for d in range(1, width + 1):
+        inner &= padded[width - d : width - d + height, width : width + span]
+        inner &= padded[width + d : width + d + height, width : width + span]
+        inner &= padded[width : width + height, width - d : width - d + span]
+        inner &= padded[width : width + height, width + d : width + d + span]
+    return region & ~inner
 
 
 def read_patches(path: Path, coords: np.ndarray, size: int) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("torchmil")
 import torch
 from torchmil.models import SmABMIL as TorchmilSmABMIL
+from torchmil.models import SmTransformerABMIL as TorchmilSmTransformerABMIL
 from torchmil.nn import SmAttentionPool as TorchmilPool
 
 import smcli
@@ -128,6 +129,70 @@ def test_export_refuses_a_hand_made_spectral_norm_layout(tmp_path):
         ModelError, match="spectral norm on proj1 is not what torchmil builds for sm_where late"
     ):
         smcli.export_torchmil(model, tmp_path / "m.safetensors")
+
+
+class _SubclassedPool(TorchmilPool):
+    """A user subclass: same tensors, but its forward could be anything."""
+
+
+def _with_extra_child() -> torch.nn.Module:
+    model = TorchmilSmABMIL((IN_DIM,), att_dim=5)
+    model.extra = torch.nn.Linear(2, 2)
+    return model
+
+
+def _transformer_with_extra_child() -> torch.nn.Module:
+    model = TorchmilSmTransformerABMIL((IN_DIM,), transf_att_dim=8, transf_n_heads=2)
+    model.transformer_encoder.extra = torch.nn.Linear(2, 2)
+    return model
+
+
+def _with_hook() -> torch.nn.Module:
+    model = TorchmilPool(IN_DIM, 5)
+    model.proj1.register_forward_hook(lambda module, inputs, output: output * 2)
+    return model
+
+
+def _with_hidden_buffer() -> torch.nn.Module:
+    model = TorchmilSmABMIL((IN_DIM,), att_dim=5)
+    model.pool.register_buffer("scale", torch.ones(1), persistent=False)
+    return model
+
+
+def _with_parameterless_extractor() -> torch.nn.Module:
+    model = TorchmilSmABMIL((IN_DIM,), att_dim=5)
+    model.feat_ext = torch.nn.ReLU()
+    return model
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (
+            _transformer_with_extra_child,
+            r"^export_torchmil: the model has a part smcli does not know: transformer_encoder\.extra "
+            r"\(Linear, 2 tensors\); exporting without it would score a different model$",
+        ),
+        (_with_extra_child, r"a part smcli does not know: extra \(Linear, 2 tensors\)"),
+        (lambda: _SubclassedPool(IN_DIM, 5), r"the model is tests\.test_export\._SubclassedPool: smcli "),
+        (_with_parameterless_extractor, r"feat_ext is torch\.nn\.modules\.activation\.ReLU: smcli repro"),
+        (_with_hook, r"^export_torchmil: proj1 has forward hooks: smcli cannot know what they change$"),
+        (_with_hidden_buffer, r"tensors smcli does not rebuild \(pool\.scale\)"),
+    ],
+)
+def test_export_refuses_any_part_it_does_not_know(tmp_path, build, message):
+    """A whitelist: what export does not fully understand is refused, never dropped (issue 19)."""
+    with pytest.raises(ModelError, match=message) as caught:
+        smcli.export_torchmil(build(), tmp_path / "m.safetensors")
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_export_ignores_the_training_loss(tmp_path):
+    model = TorchmilSmABMIL(
+        (IN_DIM,), att_dim=5, criterion=torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(1))
+    )
+    assert smcli.export_torchmil(model, tmp_path / "m.safetensors").head
 
 
 def test_export_is_lazy_in_the_api():

@@ -75,3 +75,44 @@ def test_the_readme_overlay_command_draws_the_sample_slide(sample_slide, tmp_pat
     committed = np.asarray(Image.open(SAMPLES / "overlay_slide_01.png").convert("RGB"))
     assert drawn.shape == committed.shape
     assert np.abs(drawn.astype(int) - committed).mean() < 2  # the README picture is what it draws
+
+
+def lesion_and_rest_distance(png: Path, slide: Path, crop: bool) -> tuple[float, float]:
+    """Median |drawn colour − the colour map's top colour| (summed over RGB) at the centres of the
+    lesion patches and of all the others, in an overlay of sample slide_01 drawn at --max-side 1000."""
+    from smcli.heatmap import PAD, TITLE_H, colour_map, lookup_table
+    from smcli.slide import crop_box, thumbnail_size
+
+    bag = load_bag(SAMPLES / "slide_01.safetensors")
+    with openslide.OpenSlide(str(slide)) as handle:
+        size = handle.dimensions
+    coords = bag.coords.astype(np.float64)
+    x0, y0, x1, y1 = crop_box(coords, (512.0, 512.0), size) if crop else (0, 0, *size)
+    width, height = thumbnail_size(x1 - x0, y1 - y0, 1000)
+    centres = ((coords + 256 - (x0, y0)) / ((x1 - x0) / width, (y1 - y0) / height)).astype(int)  # (N, 2)
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    drawn = image[TITLE_H + centres[:, 1], PAD + centres[:, 0]]  # (N, 3)
+    distance = np.abs(drawn - lookup_table(colour_map("inferno"))[-1]).sum(axis=1)
+    lesion = bag.labels == 1
+    return float(np.median(distance[lesion])), float(np.median(distance[~lesion]))
+
+
+def test_the_lesion_is_the_hottest_region_at_a_glance(sample_slide, tmp_path):
+    """Sm-ABMIL ranks the lesion highest; the default overlay must show it in the hottest colour.
+    A fixed 40 % blend (the old default) mixed the pale top colour with the dark lesion stain into
+    grey-brown, further from the top colour than the tissue around it: this test fails on it."""
+    draw = [
+        "heatmap",
+        str(SAMPLES / "slide_01.safetensors"),
+        "-m",
+        str(SAMPLES / "models/sm_abmil.safetensors"),
+    ]
+    draw += ["--slide", str(sample_slide), "--max-side", "1000"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*draw, "-o", str(tmp_path / "new.png")]).exit_code == 0
+    lesion, rest = lesion_and_rest_distance(tmp_path / "new.png", sample_slide, crop=True)
+    assert lesion < 0.6 * rest
+    old = [*draw, "-o", str(tmp_path / "old.png"), "--alpha", "0.4", "--no-crop"]
+    assert runner.invoke(app, old).exit_code == 0
+    lesion, rest = lesion_and_rest_distance(tmp_path / "old.png", sample_slide, crop=False)
+    assert lesion > 0.9 * rest  # the misleading picture the default replaced

@@ -86,7 +86,8 @@ def test_overlay_colours_the_footprints_and_keeps_the_slide_elsewhere(tmp_path, 
     slide_path, _ = slide
     frame = patch_table(tmp_path / "a.csv")
     out = tmp_path / "a.png"
-    result = invoke("heatmap", tmp_path / "a.csv", "-o", out, "--slide", slide_path, "--max-side", 800)
+    args = ("--slide", slide_path, "--max-side", 800, "--no-crop", "--alpha", 0.4)  # one fixed opacity
+    result = invoke("heatmap", tmp_path / "a.csv", "-o", out, *args)
     assert result.exit_code == 0, result.stderr
     assert result.stderr.strip() == f"smcli: wrote {out}"
 
@@ -116,6 +117,7 @@ def test_alpha_and_patch_size_change_the_footprint(tmp_path, slide):
     frame = patch_table(tmp_path / "a.csv")
     out = tmp_path / "a.png"
     args = ("--slide", slide_path, "--max-side", 800, "--alpha", 1, "--patch-size", 32, "--cmap", "viridis")
+    args = (*args, "--no-crop")
     result = invoke("heatmap", tmp_path / "a.csv", "-o", out, *args)
     assert result.exit_code == 0, result.stderr
     drawn = map_of(out, (600, 800, 3))
@@ -160,7 +162,10 @@ def test_top_patches_are_the_slides_own_pixels(tmp_path, slide, monkeypatch):
     assert result.exit_code == 0, result.stderr
     level0 = tifffile.imread(slide_path, level=0)  # read back independently of OpenSlide
     top = frame.sort_values("attention_logit", ascending=False, kind="stable").head(4)
-    names = [f"rank_{rank:03d}_instance_{row.instance}.png" for rank, row in enumerate(top.itertuples(), 1)]
+    names = [  # the level-0 corner in the name: a crop can be found again on the slide
+        f"rank_{rank:03d}_instance_{row.instance}_x{row.x}_y{row.y}.png"
+        for rank, row in enumerate(top.itertuples(), 1)
+    ]
     assert sorted(p.name for p in (out / "a_top").iterdir()) == sorted(names)
     for name, row in zip(names, top.itertuples(), strict=True):
         crop = np.asarray(Image.open(out / "a_top" / name))
@@ -168,11 +173,13 @@ def test_top_patches_are_the_slides_own_pixels(tmp_path, slide, monkeypatch):
         np.testing.assert_array_equal(crop, level0[row.y : row.y + STEP, row.x : row.x + STEP])
     sheet = Image.open(out / "a_top.png")
     assert sheet.size[0] >= 4 * 100 and "wrote 4 top patches" in result.stderr
-    ((crops, captions, title),) = sheets  # the sheet shows those crops, captioned rank, instance, weight
+    ((crops, captions, title),) = (
+        sheets  # the sheet shows those crops, captioned rank, instance, x, y, weight
+    )
     for crop, name in zip(crops, names, strict=True):
         np.testing.assert_array_equal(crop, np.asarray(Image.open(out / "a_top" / name)))
     assert captions == [
-        f"#{rank}  instance {row.instance}\nweight {row.attention_weight:.3g}"
+        f"#{rank}  instance {row.instance}\nx {row.x}, y {row.y}\nweight {row.attention_weight:.3g}"
         for rank, row in enumerate(top.itertuples(), 1)
     ]
     assert title == "a: top 4 patches by attention_logit (64 px at level 0)"
@@ -354,3 +361,114 @@ def test_drawing_from_a_table_imports_neither_torch_nor_the_scorer(tmp_path, sli
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert (tmp_path / "m.png").exists() and (tmp_path / "a.geojson").exists()
+
+
+def test_default_overlay_is_cropped_to_the_patches_and_opacity_rises_with_the_value(tmp_path, slide):
+    from smcli.heatmap import OPACITY_HIGH, OPACITY_LOW
+    from smcli.slide import crop_box
+
+    slide_path, _ = slide
+    frame = patch_table(tmp_path / "a.csv")
+    out = tmp_path / "a.png"
+    result = invoke("heatmap", tmp_path / "a.csv", "-o", out, "--slide", slide_path, "--max-side", 800)
+    assert result.exit_code == 0, result.stderr
+    # patches span x 256..1024, y 128..640; the margin is one step + 5 % of 768 px on each side
+    box = crop_box(frame[["x", "y"]].to_numpy(np.float64), (STEP, STEP), (WIDTH, HEIGHT))
+    assert box == (153, 25, 1127, 743)
+    thumb = read_thumbnail(slide_path, 800, box)
+    assert thumb.pixels.shape == (590, 800, 3)  # the box, longer side 800 (the whole slide: 800 x 600)
+    drawn = map_of(out, thumb.pixels.shape).astype(np.float64)
+    sx, sy = thumb.scale
+    t = normalize(frame["attention_logit"].to_numpy(), "rank").t
+    for index, opacity in ((int(np.argmax(t)), OPACITY_HIGH), (int(np.argmin(t)), OPACITY_LOW)):
+        row = frame.iloc[index]
+        # the middle of the patch's footprint, away from rounded edges
+        x, y = round((row.x - box[0] + STEP / 2) / sx), round((row.y - box[1] + STEP / 2) / sy)
+        colour = LUT[round(t[index] * 255)]
+        expected = np.rint((1 - opacity) * thumb.pixels[y, x].astype(np.float64) + opacity * colour)
+        np.testing.assert_array_equal(drawn[y, x], expected)
+    # outside the patches (the margin) the slide shows untouched
+    np.testing.assert_array_equal(drawn[:20, :], thumb.pixels[:20, :])
+    assert "x 153-1127, y 25-743" not in result.stderr  # the crop is in the picture's subtitle, not on stderr
+
+
+def test_labels_and_top_outline_on_the_slide(tmp_path, slide):
+    from smcli.heatmap import OUTLINE, TOP_HALO, TOP_OUTLINE
+
+    slide_path, _ = slide
+    frame = patch_table(tmp_path / "a.csv")
+    frame["label"] = ((frame["x"] >= 640) & (frame["y"] >= 384)).astype(int)  # a 6 x 4 block
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    plain, marked = tmp_path / "plain.png", tmp_path / "marked.png"
+    args = ("--slide", slide_path, "--max-side", 800, "--no-crop")
+    assert invoke("heatmap", tmp_path / "a.csv", "-o", plain, *args).exit_code == 0
+    result = invoke("heatmap", tmp_path / "a.csv", "-o", marked, *args, "--labels", "--top-outline")
+    assert result.exit_code == 0 and "warning" not in result.stderr
+    before, after = map_of(plain, (600, 800, 3)), map_of(marked, (600, 800, 3))
+    changed = np.any(before != after, axis=2)
+    cyan = np.all(after == OUTLINE, axis=2)
+    # the label block covers thumbnail x 320..512, y 192..320: its border, 2 px wide, is cyan
+    assert cyan[192:320, 320].all() and cyan[192:320, 511].all() and cyan[192, 320:512].all()
+    assert not cyan[200:312, 330:500].any() and not cyan[:, :318].any()
+    # the top tenth of the ranks (10 of 96 patches) gets a white line inside a black ring
+    top = np.all(after == TOP_OUTLINE, axis=2)
+    halo = np.all(after == TOP_HALO, axis=2)
+    assert top.sum() > 10 * 4 * 2 and halo.sum() > top.sum() / 3  # a 2 px line, a 1 px ring
+    t = normalize(frame["attention_logit"].to_numpy(), "rank").t
+    hottest = frame.iloc[int(np.argmax(t))]
+    x0, y0 = hottest.x // 2, hottest.y // 2  # its 32 px footprint on the thumbnail
+    assert (top[y0 : y0 + 32, x0 : x0 + 32] | cyan[y0 : y0 + 32, x0 : x0 + 32]).any()
+    assert changed.sum() == (cyan | top | halo).sum()  # nothing else moved
+
+
+def test_fixed_raw_scale_gives_one_value_one_colour_in_every_bag(tmp_path, slide):
+    slide_path, _ = slide
+    frames = [patch_table(tmp_path / "a.csv", "a", seed=1), patch_table(tmp_path / "b.csv", "b", seed=2)]
+    frames[1]["attention_logit"] = frames[1]["attention_logit"] * 0.2 - 1  # a quieter, cooler bag
+    frames[1].to_csv(tmp_path / "b.csv", index=False)
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a", "b"):
+        (slides / f"{name}.tif").symlink_to(slide_path)
+    out = tmp_path / "maps"
+    args = ("--slide", slides, "--max-side", 800, "--no-crop", "--alpha", 1, "--norm", "raw")
+    result = invoke(
+        "heatmap", tmp_path / "a.csv", tmp_path / "b.csv", "-o", out, *args, "--vmin", -2, "--vmax", 2
+    )
+    assert result.exit_code == 0, result.stderr
+    for name, frame in zip(("a", "b"), frames, strict=True):
+        drawn = map_of(out / f"{name}.png", (600, 800, 3))
+        for row in frame.itertuples():
+            expected = LUT[round(float(np.clip((row.attention_logit + 2) / 4, 0, 1)) * 255)]
+            assert (drawn[row.y // 2 + 16, row.x // 2 + 16] == expected).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--vmin", 0), "error: --vmin and --vmax go together: one fixed scale needs both ends"),
+        (("--vmin", 0, "--vmax", 1), "error: --vmin/--vmax fix a raw scale: add --norm raw (not rank)"),
+        (
+            ("--norm", "raw", "--vmin", 1, "--vmax", 1),
+            "error: --vmin must be below --vmax (both finite), got 1 and 1",
+        ),
+        (("--norm", "raw", "--vmin", "nan", "--vmax", 1), "error: --vmin must be below --vmax (both finite)"),
+    ],
+)
+def test_bad_fixed_scales_are_one_line_usage_errors(tmp_path, args, message):
+    patch_table(tmp_path / "a.csv")
+    result = invoke("heatmap", tmp_path / "a.csv", "-o", tmp_path / "a.png", *args)
+    assert result.exit_code == 2 and result.stderr.startswith(message) and result.stderr.count("\n") == 1
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_the_colour_bar_says_whose_scale_it_is():
+    values = np.array([0.5, 1.0, 3.0])
+    assert "within this bag" in normalize(values, "rank").bar_label
+    assert "not comparable across bags" in normalize(values, "rank").bar_label
+    fixed = normalize(values, "raw", vmin=0, vmax=4)
+    assert fixed.bar_label == "raw value, fixed scale (same in every bag)"
+    assert [label for _, label in fixed.ticks] == ["0", "1", "2", "3", "4"]
+    np.testing.assert_allclose(fixed.t, values / 4)
+    assert normalize(np.array([-9.0, 9.0]), "raw", vmin=0, vmax=4).t.tolist() == [0.0, 1.0]  # clipped
+    assert "this bag's" in normalize(values, "raw").bar_label

@@ -233,7 +233,7 @@ def test_a_pixel_bag_is_recorded_in_pixels(world, tmp_path):
 
 def coloured_box(png, level0_scale: float):
     """The level-0 px box (x0, y0, x1, y1) of the map's pixels that are not the slide's glass or
-    tissue, i.e. painted with attention, in a picture drawn at --alpha 1."""
+    tissue, i.e. painted with attention, in a whole-slide picture (--no-crop) drawn at --alpha 1."""
     image = np.asarray(Image.open(png).convert("RGB")).astype(int)
     map_h, map_w = round(HEIGHT / level0_scale), round(WIDTH / level0_scale)
     region = image[TITLE_H : TITLE_H + map_h, PAD : PAD + map_w]
@@ -257,6 +257,7 @@ def test_the_overlay_paints_attention_on_the_tissue(world, tmp_path, source):
         512,
         "--alpha",
         1,
+        "--no-crop",
         *extra,
     )
     assert result.exit_code == 0, result.output
@@ -280,6 +281,7 @@ def test_mpp_flag_overrides_the_slide(world, tmp_path):
         512,
         "--alpha",
         1,
+        "--no-crop",
         "--mpp",
         1,
     )
@@ -374,3 +376,73 @@ def test_mpp_is_noted_unused_for_pixel_coords(world, tmp_path):
     assert f"note: {table}: p: --mpp 0.25 not used: coords are level-0 pixels already" in result.output
     assert polygons(tmp_path / "p.geojson")[1].tolist() == [256, 0, 512, 256]
     assert math.isclose(polygons(tmp_path / "p.geojson")[0][2], 256)
+
+
+def test_the_default_overlay_is_cropped_around_the_tissue_in_level0_pixels(world, tmp_path):
+    from smcli.slide import crop_box, thumbnail_size
+
+    out = tmp_path / "overlay.png"
+    result = invoke("heatmap", world["csv"], "-o", out, "--slide", world["slide"], "--max-side", 512)
+    assert result.exit_code == 0, result.output
+    x0, y0, x1, y1 = tissue_box_px()
+    side = TILE_UM / MPP
+    box = crop_box(coords_um() / MPP, (side, side), (WIDTH, HEIGHT))
+    assert box[0] < x0 and box[1] < y0 and box[2] > x1 and box[3] > y1  # the tissue and a margin
+    width, height = thumbnail_size(box[2] - box[0], box[3] - box[1], 512)
+    image = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    region = image[TITLE_H : TITLE_H + height, PAD : PAD + width]
+    plain = (np.abs(region - GLASS).sum(axis=2) <= 6) | (np.abs(region - TISSUE).sum(axis=2) <= 6)
+    ys, xs = np.nonzero(~plain)
+    scale = (box[2] - box[0]) / width
+    found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) * scale + np.array(box[:2] * 2)
+    assert np.allclose(found, tissue_box_px(), atol=2 * scale)
+    assert not (np.abs(region - TISSUE).sum(axis=2) <= 6).any()  # every tissue pixel carries attention
+
+
+def test_a_multi_bag_table_keeps_each_bags_unit(world, tmp_path):
+    """A STAMP bag (micrometres) and a pixel bag in one parquet table and one CSV table."""
+    from safetensors.numpy import save_file
+
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    (bags / "slide_s.h5").symlink_to(world["bag"])
+    features = np.random.default_rng(1).standard_normal((6, IN_DIM), dtype=np.float32)
+    coords = np.array([[x * 256, y * 256] for x in range(3) for y in range(2)], dtype=np.int64)
+    save_file({"features": features, "coords": coords}, str(bags / "p.safetensors"), {"patch_size": "256"})
+    for name in ("all.parquet", "all.csv"):
+        assert invoke("score", bags, "-m", world["model"], "-o", tmp_path / name).exit_code == 0
+        found = {bag.bag_id: bag.coords_units for bag in read_table(tmp_path / name, "attention_logit", None)}
+        assert found == {"p": PIXELS, "slide_s": MICROMETRES}
+    metadata = pq.read_metadata(tmp_path / "all.parquet").metadata
+    assert b"smcli.coords_units" not in metadata  # not shared: each bag's entry of smcli.bags has it
+    entries = {e["smcli.bag_id"]: e["smcli.coords_units"] for e in json.loads(metadata[b"smcli.bags"])}
+    assert entries == {"p": PIXELS, "slide_s": MICROMETRES}
+
+
+def test_top_patches_of_a_micrometre_bag_are_cut_at_level0_pixels(world, tmp_path):
+    out = tmp_path / "maps"
+    result = invoke("heatmap", world["csv"], "-o", out, "--slide", world["slides"], "--top-patches", 3)
+    assert result.exit_code == 0, result.output
+    side = int(TILE_UM / MPP)
+    table = pd.read_csv(world["csv"]).sort_values("attention_logit", ascending=False, kind="stable").head(3)
+    names = [
+        f"rank_{rank:03d}_instance_{row.instance}_x{round(row.x / MPP)}_y{round(row.y / MPP)}.png"
+        for rank, row in enumerate(table.itertuples(), 1)
+    ]
+    assert sorted(p.name for p in (out / "slide_s_top").iterdir()) == sorted(names)
+    for name in names:  # a whole 256 px patch of tissue: the crop sits on the tissue, at full size
+        crop = np.asarray(Image.open(out / "slide_s_top" / name))
+        assert crop.shape == (side, side, 3) and (crop == TISSUE).all()
+
+
+def test_micrometre_scores_on_stdout_warn_that_the_unit_is_lost(world, tmp_path):
+    result = invoke("score", world["bag"], "-m", world["model"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("bag_id,instance,x,y,")
+    warnings = [line for line in result.stderr.splitlines() if "cannot record the unit" in line]
+    assert warnings == [
+        f"warning: {world['bag']}: coords in micrometres, and a CSV on stdout cannot record the unit "
+        "(heatmap and geojson would take it as level-0 pixels): write it with -o"
+    ]
+    kept = invoke("score", world["bag"], "-m", world["model"], "-o", tmp_path / "scores")
+    assert kept.exit_code == 0 and "cannot record the unit" not in kept.stderr

@@ -2,8 +2,9 @@
 
 The model (smcli.model) is written once against an array namespace (the array API standard, via
 array-api-compat); a backend supplies that namespace plus the few things the standard leaves out:
-the sparse product (the one real hook), in-place updates on reused buffers, erf, and moving host
-arrays in and out. Adding a backend is one new module plus one line in BACKENDS.
+the sparse product (the one real hook), self-attention without an N x N matrix (the transformer's
+hook), in-place updates on reused buffers, erf, and moving host arrays in and out. Adding a
+backend is one new module plus one line in BACKENDS.
 
 - cpu  (smcli.backends.cpu):  numpy + scipy.sparse CSR; never imports torch.
 - torch (smcli.backends.torch_device): torch tensors on any torch device, used for CUDA (and, in
@@ -48,6 +49,13 @@ class Backend(Protocol):
 
     def gelu(self, x: Any) -> Any:
         """Exact GELU, x (1 + erf(x / sqrt 2)) / 2, elementwise; x may be overwritten."""
+
+    def scaled_dot_product_attention(self, query: Any, key: Any, value: Any) -> Any:
+        """softmax(Q K^T / sqrt(head_dim)) V per head; query, key, value: (heads, N, head_dim).
+
+        Never materializes all heads' (N, N) scores: blocks of query rows on the CPU, torch's fused
+        kernel on CUDA.
+        """
 
     def erf(self, x: Any) -> Any:
         """The error function, elementwise, in place where the backend allows (x is consumed)."""

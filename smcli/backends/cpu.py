@@ -20,6 +20,8 @@ ALIGNMENT = 64  # bytes; a cache line, and more than any SIMD load needs
 GEMM_ALIGNMENT = 16
 THREADED_MIN_VALUES = 1 << 20  # N x C below this: one thread (the hand-off would cost more)
 MAX_THREADS = 8
+ATTENTION_BLOCK_VALUES = 1 << 22  # query rows x keys per attention block: 16 MB of float32 scores
+MAX_ATTENTION_ROWS = 1024
 
 
 def _float32_in_place(x: Any) -> bool:
@@ -195,6 +197,32 @@ class CpuBackend:
         gate *= x
         gate *= 0.5
         return gate
+
+    def scaled_dot_product_attention(self, query, key, value):
+        """softmax(Q K^T / sqrt(head_dim)) V, head by head, a block of query rows at a time.
+
+        query, key, value: (heads, N, head_dim) float32. Peak extra memory is one (rows, N) block of
+        scores, rows = ATTENTION_BLOCK_VALUES / N (at least 16, at most MAX_ATTENTION_ROWS): never
+        the (N, N) matrix. Each row's softmax is exact (its maximum subtracted, its sum taken over
+        all keys), so the result does not depend on the block size beyond float32 rounding.
+        """
+        heads, n, head_dim = query.shape
+        out = self.empty((heads, n, head_dim), value.dtype)
+        scale = query.dtype.type(1.0 / np.sqrt(head_dim))
+        rows = int(min(MAX_ATTENTION_ROWS, max(16, ATTENTION_BLOCK_VALUES // max(n, 1))))
+        scores = np.empty((min(rows, n), n), dtype=query.dtype)
+        for head in range(heads):
+            keys_t = np.ascontiguousarray(key[head].T)  # (head_dim, N)
+            values = np.ascontiguousarray(value[head])  # (N, head_dim)
+            for start in range(0, n, rows):
+                block = np.ascontiguousarray(query[head, start : start + rows]) * scale  # (rows, head_dim)
+                part = scores[: block.shape[0]]
+                np.matmul(block, keys_t, out=part)  # (rows, N)
+                part -= part.max(axis=1, keepdims=True)
+                np.exp(part, out=part)
+                total = part.sum(axis=1, keepdims=True)
+                out[head, start : start + rows] = np.matmul(part, values) / total
+        return out
 
     def erf(self, x):
         if _float32_in_place(x):

@@ -77,6 +77,11 @@ class TorchBackend:
         gate *= 0.5
         return gate
 
+    def scaled_dot_product_attention(self, query, key, value):
+        """torch's fused kernel (flash / memory-efficient on CUDA): no (N, N) matrix, no dropout."""
+        functional = self.torch.nn.functional
+        return functional.scaled_dot_product_attention(query[None], key[None], value[None])[0]
+
     def erf(self, x):
         return self.torch.special.erf(x)
 
