@@ -158,8 +158,16 @@ def task_bags(spec: dict) -> None:
 def pool_kwargs(config: str) -> dict:
     """SmAttentionPool constructor arguments of a config name like 'approx-early'."""
     mode, where = config.split("-")
-    return dict(in_dim=IN_DIM, att_dim=ATT_DIM, act="gelu", sm_mode=mode, sm_alpha="trainable",
-                sm_steps=10, sm_where=where, spectral_norm=False)
+    return dict(
+        in_dim=IN_DIM,
+        att_dim=ATT_DIM,
+        act="gelu",
+        sm_mode=mode,
+        sm_alpha="trainable",
+        sm_steps=10,
+        sm_where=where,
+        spectral_norm=False,
+    )
 
 
 def task_models(spec: dict) -> dict:
@@ -478,8 +486,14 @@ def measure_size(n: int, bag: Path, models: dict[str, str], args, workdir: Path)
     """Every config at one bag size, each side in its own child."""
     rows = []
     for index, config in enumerate(args.configs):
-        spec = {"bag": str(bag), "model": models[config], "pool": pool_kwargs(config),
-                "repeats": args.repeats, "device": args.device, "threads": args.threads}
+        spec = {
+            "bag": str(bag),
+            "model": models[config],
+            "pool": pool_kwargs(config),
+            "repeats": args.repeats,
+            "device": args.device,
+            "threads": args.threads,
+        }
         row = Row(n, config, measure_side(dict(spec, side="smcli", floor=index == 0), workdir))
         if args.device != "cpu":
             row.skip_reason = f"skipped (--device {args.device})"
@@ -588,8 +602,16 @@ def measure_whole_process(n: int, bag: Path, models: dict[str, str], args, workd
     smcli_csv, torchmil_csv = workdir / "smcli.csv", workdir / "torchmil.csv"
 
     def smcli_run(config: str) -> tuple[float, float]:
-        command = smcli_command() + ["score", str(bag), "-m", models[config], "-o", str(smcli_csv),
-                                     "--device", args.device]
+        command = smcli_command() + [
+            "score",
+            str(bag),
+            "-m",
+            models[config],
+            "-o",
+            str(smcli_csv),
+            "--device",
+            args.device,
+        ]
         runs = [timed_process(command, workdir, smcli_csv) for _ in range(args.repeats)]
         return statistics.median(w for w, _ in runs), max(r for _, r in runs)
 
@@ -629,8 +651,9 @@ class StartupRow:
 def import_profile(arguments: list[str], workdir: Path) -> tuple[float, bool]:
     """Seconds spent importing (sum of the top-level cumulative times of `python -X importtime`)
     and whether torch was among the imports, for `python ARGUMENTS`."""
-    done = subprocess.run([sys.executable, "-X", "importtime", *arguments], capture_output=True,
-                          text=True, cwd=workdir)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *arguments], capture_output=True, text=True, cwd=workdir
+    )
     total_us, torch_seen = 0, False
     for line in done.stderr.splitlines():
         parts = line.removeprefix("import time:").split("|")
@@ -669,8 +692,11 @@ def measure_startup(bag: Path, models: dict[str, str], args, workdir: Path) -> l
             log(f"start-up {label}: skipped ({str(err).splitlines()[-1][:120]})")
             continue
         import_s, torch_seen = import_profile(["-m", "smcli", *arguments] if program else arguments, workdir)
-        rows.append(StartupRow(label, statistics.median(w for w, _ in runs), max(r for _, r in runs),
-                               import_s, torch_seen))
+        rows.append(
+            StartupRow(
+                label, statistics.median(w for w, _ in runs), max(r for _, r in runs), import_s, torch_seen
+            )
+        )
         log(f"start-up {label}: {rows[-1].wall_s:.2f} s (imports {import_s:.2f} s, torch {torch_seen})")
     return rows
 
@@ -679,14 +705,19 @@ def startup_lines(rows: list[StartupRow], patches: int) -> list[str]:
     if not rows:
         return []
     torch_wall = next((row.wall_s for row in rows if "import torch" in row.label), None)
-    lines = ["", f"Start-up, one process per command, median of its runs (BAG: {patches} patches × {IN_DIM} "
-             "float16):", "",
-             "| command | wall s | imports s | peak RSS MiB | imports torch | wall / `import torch` |",
-             "|---|---:|---:|---:|---|---:|"]
+    lines = [
+        "",
+        f"Start-up, one process per command, median of its runs (BAG: {patches} patches × {IN_DIM} float16):",
+        "",
+        "| command | wall s | imports s | peak RSS MiB | imports torch | wall / `import torch` |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
     for row in rows:
         ratio = f"{row.wall_s / torch_wall:.2f}" if torch_wall else "—"
-        lines.append(f"| {row.label} | {seconds(row.wall_s)} | {seconds(row.import_s)} | {row.rss_mib:.0f} "
-                     f"| {'yes' if row.torch else 'no'} | {ratio} |")
+        lines.append(
+            f"| {row.label} | {seconds(row.wall_s)} | {seconds(row.import_s)} | {row.rss_mib:.0f} "
+            f"| {'yes' if row.torch else 'no'} | {ratio} |"
+        )
     return lines
 
 
@@ -710,12 +741,28 @@ def measure_loop(models: dict[str, str], args, workdir: Path) -> LoopResult:
     model = models[WHOLE_PROCESS_CONFIG]
     started = time.perf_counter()
     for bag in bags:
-        command = smcli_command() + ["score", str(bag), "-m", model, "-o", str(loop_out / f"{bag.stem}.csv"),
-                                     "--device", args.device]
+        command = smcli_command() + [
+            "score",
+            str(bag),
+            "-m",
+            model,
+            "-o",
+            str(loop_out / f"{bag.stem}.csv"),
+            "--device",
+            args.device,
+        ]
         subprocess.run(command, check=True, capture_output=True)
     loop_s = time.perf_counter() - started
-    command = smcli_command() + ["score", str(subset), "-m", model, "-o", str(dir_out),
-                                 "--device", args.device]
+    command = smcli_command() + [
+        "score",
+        str(subset),
+        "-m",
+        model,
+        "-o",
+        str(dir_out),
+        "--device",
+        args.device,
+    ]
     directory_s, rss = timed_process(command, workdir, dir_out)
     log(f"loop of {len(bags)}: {loop_s:.1f} s; one directory run: {directory_s:.1f} s")
     for path in (subset, loop_out, dir_out):
@@ -724,19 +771,23 @@ def measure_loop(models: dict[str, str], args, workdir: Path) -> LoopResult:
 
 
 def loop_line(result: LoopResult) -> str:
-    return (f"- {result.bags} bags × {result.patches} patches: a loop of single-bag `smcli score BAG` "
-            f"processes {seconds(result.loop_s)} s ({seconds(result.loop_s / result.bags)} s per bag); "
-            f"one `smcli score DIR` {seconds(result.directory_s)} s "
-            f"({seconds(result.directory_s / result.bags)} s per bag, "
-            f"peak RSS {result.directory_rss:.0f} MiB)")
+    return (
+        f"- {result.bags} bags × {result.patches} patches: a loop of single-bag `smcli score BAG` "
+        f"processes {seconds(result.loop_s)} s ({seconds(result.loop_s / result.bags)} s per bag); "
+        f"one `smcli score DIR` {seconds(result.directory_s)} s "
+        f"({seconds(result.directory_s / result.bags)} s per bag, "
+        f"peak RSS {result.directory_rss:.0f} MiB)"
+    )
 
 
 def sparse_line(result: dict) -> str:
     gain = result["one_thread"] / result["two_threads"]
-    return (f"- Sm's sparse step g = b·f + a·A·g at N={result['n']} ({result['nnz']} non-zeros × "
-            f"{result['columns']} float32 columns, scipy's CSR kernel, in place): one thread "
-            f"{seconds(result['one_thread'] * 1000)} ms, rows split over 2 threads "
-            f"{seconds(result['two_threads'] * 1000)} ms ({gain:.2f}×)")
+    return (
+        f"- Sm's sparse step g = b·f + a·A·g at N={result['n']} ({result['nnz']} non-zeros × "
+        f"{result['columns']} float32 columns, scipy's CSR kernel, in place): one thread "
+        f"{seconds(result['one_thread'] * 1000)} ms, rows split over 2 threads "
+        f"{seconds(result['two_threads'] * 1000)} ms ({gain:.2f}×)"
+    )
 
 
 @dataclass
@@ -752,8 +803,16 @@ class BatchResult:
 def measure_batch(models: dict[str, str], args, workdir: Path) -> BatchResult:
     """`smcli score DIR -m MODEL -o OUTDIR` on the directory of float16 bags `prepare` wrote."""
     bag_dir, out_dir = batch_dir(workdir), workdir / "batch-out"
-    command = smcli_command() + ["score", str(bag_dir), "-m", models[WHOLE_PROCESS_CONFIG],
-                                 "-o", str(out_dir), "--device", args.device]
+    command = smcli_command() + [
+        "score",
+        str(bag_dir),
+        "-m",
+        models[WHOLE_PROCESS_CONFIG],
+        "-o",
+        str(out_dir),
+        "--device",
+        args.device,
+    ]
     wall, rss = timed_process(command, workdir, out_dir)
     statuses = read_csv_column(out_dir / "_bags.csv", "status")
     scoring = sum(float(s) for s in read_csv_column(out_dir / "_bags.csv", "seconds"))
@@ -778,8 +837,13 @@ def cpu_model() -> str:
 
 
 def machine_line(info: dict) -> str:
-    parts = [f"cpu: {cpu_model()}", f"cores: {os.cpu_count()}", f"torch {info['torch']}",
-             f"torch threads: {info['threads']}", f"torchmil {info['torchmil'] or 'not installed'}"]
+    parts = [
+        f"cpu: {cpu_model()}",
+        f"cores: {os.cpu_count()}",
+        f"torch {info['torch']}",
+        f"torch threads: {info['threads']}",
+        f"torchmil {info['torchmil'] or 'not installed'}",
+    ]
     if info.get("gpu"):
         parts.append(f"gpu: {info['gpu']}")
     return "machine: " + ", ".join(parts)
@@ -797,8 +861,16 @@ def rss_cell(side: SideResult) -> str:
 
 
 def main_table(rows: list[Row]) -> list[str]:
-    header = ["N", "config", "torchmil s", "smcli s", "ratio", "torchmil peak RSS MiB",
-              "smcli peak RSS MiB", "max abs Δ logit"]
+    header = [
+        "N",
+        "config",
+        "torchmil s",
+        "smcli s",
+        "ratio",
+        "torchmil peak RSS MiB",
+        "smcli peak RSS MiB",
+        "max abs Δ logit",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row.torchmil is None:
@@ -808,8 +880,10 @@ def main_table(rows: list[Row]) -> list[str]:
             ratio = f"{row.torchmil.total / row.smcli.total:.1f}×"
             theirs_rss = rss_cell(row.torchmil)
             delta = f"{row.max_delta:.2e}"
-        lines.append(f"| {row.n} | {row.config} | {theirs} | {seconds(row.smcli.total)} | {ratio} "
-                     f"| {theirs_rss} | {rss_cell(row.smcli)} | {delta} |")
+        lines.append(
+            f"| {row.n} | {row.config} | {theirs} | {seconds(row.smcli.total)} | {ratio} "
+            f"| {theirs_rss} | {rss_cell(row.smcli)} | {delta} |"
+        )
     return lines
 
 
@@ -827,8 +901,10 @@ def floor_lines(rows: list[Row]) -> list[str]:
         at_n = [row for row in rows if row.n == n]
         floor = next(row.smcli.floor for row in at_n if row.smcli.floor is not None)
         multiples = ", ".join(f"{row.config} {row.smcli.total / floor:.1f}×" for row in at_n)
-        lines.append(f"- floor N={n}: X @ W1.T ({n}×{IN_DIM} · {IN_DIM}×{ATT_DIM} float32) "
-                     f"{seconds(floor)} s; smcli pipeline = {multiples} the floor")
+        lines.append(
+            f"- floor N={n}: X @ W1.T ({n}×{IN_DIM} · {IN_DIM}×{ATT_DIM} float32) "
+            f"{seconds(floor)} s; smcli pipeline = {multiples} the floor"
+        )
     return lines
 
 
@@ -838,13 +914,17 @@ def graph_lines(rows: list[Row]) -> list[str]:
         at_n = [row for row in rows if row.n == n]
         ours = median_stage([row.smcli for row in at_n], "graph")
         ours_tensor = median_stage([row.smcli for row in at_n], "tensor")
-        line = (f"- graph build N={n}: smcli grid_cells+build_adjacency {seconds(ours)} s "
-                f"(then the backend's sparse matrix {seconds(ours_tensor)} s)")
+        line = (
+            f"- graph build N={n}: smcli grid_cells+build_adjacency {seconds(ours)} s "
+            f"(then the backend's sparse matrix {seconds(ours_tensor)} s)"
+        )
         theirs = [row.torchmil for row in at_n if row.torchmil is not None]
         if theirs:
             graph, tensor = median_stage(theirs, "graph"), median_stage(theirs, "tensor")
-            line += (f"; torchmil grid+build_adj+normalize_adj {seconds(graph)} s "
-                     f"(then sparse_coo_tensor.coalesce {seconds(tensor)} s); ratio {graph / ours:.0f}×")
+            line += (
+                f"; torchmil grid+build_adj+normalize_adj {seconds(graph)} s "
+                f"(then sparse_coo_tensor.coalesce {seconds(tensor)} s); ratio {graph / ours:.0f}×"
+            )
         lines.append(line)
     return lines
 
@@ -866,25 +946,33 @@ def stage_lines(rows: list[Row]) -> list[str]:
 
 
 def whole_process_line(result: WholeProcess) -> str:
-    line = (f"- whole process N={result.n} ({WHOLE_PROCESS_CONFIG}, CSV out, incl. start-up): "
-            f"smcli score {seconds(result.smcli_s)} s (peak RSS {result.smcli_rss:.0f} MiB)")
+    line = (
+        f"- whole process N={result.n} ({WHOLE_PROCESS_CONFIG}, CSV out, incl. start-up): "
+        f"smcli score {seconds(result.smcli_s)} s (peak RSS {result.smcli_rss:.0f} MiB)"
+    )
     if result.torchmil_s is not None:
-        line += (f"; torchmil script {seconds(result.torchmil_s)} s "
-                 f"(peak RSS {result.torchmil_rss:.0f} MiB); ratio {result.torchmil_s / result.smcli_s:.1f}×")
+        line += (
+            f"; torchmil script {seconds(result.torchmil_s)} s "
+            f"(peak RSS {result.torchmil_rss:.0f} MiB); ratio {result.torchmil_s / result.smcli_s:.1f}×"
+        )
         if result.max_delta is not None:
             line += f"; max abs Δ logit between the CSVs {result.max_delta:.2e}"
     if result.exact_s is not None:
-        line += (f"\n- whole process N={result.n} ({EXACT_WHOLE_PROCESS_CONFIG}): smcli score "
-                 f"{seconds(result.exact_s)} s (peak RSS {result.exact_rss:.0f} MiB); torchmil cannot "
-                 f"(dense N×N solve)")
+        line += (
+            f"\n- whole process N={result.n} ({EXACT_WHOLE_PROCESS_CONFIG}): smcli score "
+            f"{seconds(result.exact_s)} s (peak RSS {result.exact_rss:.0f} MiB); torchmil cannot "
+            f"(dense N×N solve)"
+        )
     return line
 
 
 def batch_line(result: BatchResult) -> str:
-    return (f"- batch: {result.bags} bags × {result.patches} patches × {IN_DIM} float16, "
-            f"`smcli score DIR -o OUTDIR`: {seconds(result.wall_s)} s wall, "
-            f"{result.bags / result.wall_s:.1f} bags/s ({result.ok} ok; per-bag scoring time sums to "
-            f"{seconds(result.scoring_s)} s; peak RSS {result.rss_mib:.0f} MiB)")
+    return (
+        f"- batch: {result.bags} bags × {result.patches} patches × {IN_DIM} float16, "
+        f"`smcli score DIR -o OUTDIR`: {seconds(result.wall_s)} s wall, "
+        f"{result.bags / result.wall_s:.1f} bags/s ({result.ok} ok; per-bag scoring time sums to "
+        f"{seconds(result.scoring_s)} s; peak RSS {result.rss_mib:.0f} MiB)"
+    )
 
 
 def print_report(args, info: dict, load_before: float, rows, whole, batch, extras=None) -> None:
@@ -935,31 +1023,60 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=parse_sizes, default=None,
-                        help=f"bag sizes N (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES})")
-    parser.add_argument("--configs", default=None,
-                        help="comma-separated subset of " + ",".join(ALL_CONFIGS) + " (default: all)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="runs per measurement, the median is reported (default 3; --quick: 1)")
-    parser.add_argument("--torchmil-exact-max-n", type=int, default=10_000,
-                        help="largest N for torchmil's dense exact solve (default 10000)")
-    parser.add_argument("--batch-bags", type=int, default=None,
-                        help="bags in the batch test (default 500; --quick: 20; 0 skips it)")
-    parser.add_argument("--batch-patches", type=int, default=2000,
-                        help="patches per batch bag (default 2000)")
-    parser.add_argument("--no-whole-process", action="store_true",
-                        help="skip the whole-process comparison")
-    parser.add_argument("--loop-bags", type=int, default=None,
-                        help="single-bag invocations in the loop-vs-directory test "
-                             "(default 200; --quick: 10; 0 skips it; at most --batch-bags)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=None,
+        help=f"bag sizes N (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES})",
+    )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated subset of " + ",".join(ALL_CONFIGS) + " (default: all)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs per measurement, the median is reported (default 3; --quick: 1)",
+    )
+    parser.add_argument(
+        "--torchmil-exact-max-n",
+        type=int,
+        default=10_000,
+        help="largest N for torchmil's dense exact solve (default 10000)",
+    )
+    parser.add_argument(
+        "--batch-bags",
+        type=int,
+        default=None,
+        help="bags in the batch test (default 500; --quick: 20; 0 skips it)",
+    )
+    parser.add_argument(
+        "--batch-patches", type=int, default=2000, help="patches per batch bag (default 2000)"
+    )
+    parser.add_argument("--no-whole-process", action="store_true", help="skip the whole-process comparison")
+    parser.add_argument(
+        "--loop-bags",
+        type=int,
+        default=None,
+        help="single-bag invocations in the loop-vs-directory test "
+        "(default 200; --quick: 10; 0 skips it; at most --batch-bags)",
+    )
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up rows")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu (default) or cuda[:N]: smcli only, torchmil skipped")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads in the measuring children, OMP_NUM_THREADS for the CLI runs "
-                             "(default: torch's default)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda[:N]: smcli only, torchmil skipped"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads in the measuring children, OMP_NUM_THREADS for the CLI runs "
+        "(default: torch's default)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--_task", help=argparse.SUPPRESS)
@@ -995,8 +1112,15 @@ def bag_specs(args, workdir: Path) -> list[dict]:
     bags = [{"path": str(bag_path(workdir, n)), "n": n, "seed": args.seed} for n in args.sizes]
     if args.batch_bags > 0:
         batch_dir(workdir).mkdir()
-        bags += [{"path": str(batch_dir(workdir) / f"slide-{i:05d}.safetensors"), "n": args.batch_patches,
-                  "seed": args.seed + 17 + i, "dtype": "float16"} for i in range(args.batch_bags)]
+        bags += [
+            {
+                "path": str(batch_dir(workdir) / f"slide-{i:05d}.safetensors"),
+                "n": args.batch_patches,
+                "seed": args.seed + 17 + i,
+                "dtype": "float16",
+            }
+            for i in range(args.batch_bags)
+        ]
     return bags
 
 
@@ -1008,12 +1132,17 @@ def run_benchmark(args) -> None:
     started = time.perf_counter()
     try:
         log(f"writing models and bags to {workdir}")
-        prepared = run_task({
-            "task": "prepare", "device": args.device, "threads": args.threads, "dir": str(workdir),
-            "configs": sorted(set(args.configs) | {WHOLE_PROCESS_CONFIG, EXACT_WHOLE_PROCESS_CONFIG}),
-            "seed": args.seed,
-            "bags": bag_specs(args, workdir),
-        })
+        prepared = run_task(
+            {
+                "task": "prepare",
+                "device": args.device,
+                "threads": args.threads,
+                "dir": str(workdir),
+                "configs": sorted(set(args.configs) | {WHOLE_PROCESS_CONFIG, EXACT_WHOLE_PROCESS_CONFIG}),
+                "seed": args.seed,
+                "bags": bag_specs(args, workdir),
+            }
+        )
         info, models = prepared["info"], prepared["models"]
         log(machine_line(info))
         rows: list[Row] = []
@@ -1032,8 +1161,9 @@ def run_benchmark(args) -> None:
         if args.loop_bags > 0:
             extras["loop"] = measure_loop(models, args, workdir)
         if args.device == "cpu":
-            extras["sparse"] = run_task({"task": "sparse", "n": args.sizes[-1], "seed": args.seed,
-                                         "repeats": args.repeats})
+            extras["sparse"] = run_task(
+                {"task": "sparse", "n": args.sizes[-1], "seed": args.seed, "repeats": args.repeats}
+            )
         batch = measure_batch(models, args, workdir) if args.batch_bags > 0 else None
         print_report(args, info, load_before, rows, whole, batch, extras)
     finally:

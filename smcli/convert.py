@@ -36,6 +36,7 @@ from smcli.checkpoint import (
 )
 from smcli.errors import ModelError, UsageError
 from smcli.graph import DEFAULT_DIST_THR, EDGE_WEIGHTS, MAX_DIST_THR, ORIGINS, GraphOptions
+from smcli.transformer import PREFIX, TransformerConfig, check_transformer_config, dropout_note
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")  # dicts that hold the state dict
 PREFIXES = ("model.", "module.", "_orig_mod.")  # Trainer wrapper, DDP, torch.compile
@@ -59,9 +60,33 @@ SETTINGS = (
     "normalize",
     "weights",
     "origin",
+    # SmTransformerABMIL's encoder (torchmil's transf_* arguments; n_heads is never in the tensors)
+    "n_heads",
+    "transf_att_dim",
+    "transf_n_layers",
+    "transf_use_mlp",
+    "transf_add_self",
+    "transf_dropout",
+    "transf_sm_alpha",
+    "transf_sm_mode",
+    "transf_sm_steps",
 )
 # names people use for them (torchmil's constructor and dataset arguments) -> smcli's name
-ALIASES = {"att_act": "act", "norm_adj": "normalize", "adj_with_dist": "weights", "in_shape": "in_dim"}
+ALIASES = {
+    "att_act": "act",
+    "norm_adj": "normalize",
+    "adj_with_dist": "weights",
+    "in_shape": "in_dim",
+    "transf_n_heads": "n_heads",
+    # SmTransformerABMIL's names for its pool's settings
+    "pool_att_dim": "att_dim",
+    "pool_act": "act",
+    "pool_sm_mode": "sm_mode",
+    "pool_sm_alpha": "sm_alpha",
+    "pool_sm_steps": "sm_steps",
+    "pool_sm_where": "sm_where",
+    "pool_spectral_norm": "spectral_norm",
+}
 # hyper_parameters are read by torchmil's names only: a training script's own `weights` or
 # `origin` could mean anything (class weights, ...), torchmil's names mean what torchmil does
 SMCLI_ONLY = ("normalize", "weights", "origin")
@@ -86,6 +111,7 @@ class ConvertOptions:
     origin: str | None = None
     config: Path | None = None  # JSON file of torchmil constructor and graph settings
     strict: bool = False  # an assumption is an error
+    n_heads: int | None = None  # SmTransformerABMIL's transf_n_heads
 
     def given(self) -> dict[str, Any]:
         """The settings given as flags."""
@@ -176,12 +202,31 @@ def strip_prefixes(state: dict) -> tuple[dict, list[str]]:
 
 def _check_value(name: str, value: Any) -> Any:
     """A setting in smcli's terms, or ValueError saying what is wrong with it."""
-    if name in ("in_dim", "att_dim", "sm_steps"):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sm_steps" else 1):
-            raise ValueError(
-                f"{name} must be a {'non-negative' if name == 'sm_steps' else 'positive'} integer"
-            )
+    if name in (
+        "in_dim",
+        "att_dim",
+        "sm_steps",
+        "n_heads",
+        "transf_att_dim",
+        "transf_n_layers",
+        "transf_sm_steps",
+    ):
+        non_negative = name.endswith("sm_steps")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if non_negative else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if non_negative else 'positive'} integer")
         return value
+    if name in ("transf_use_mlp", "transf_add_self"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false")
+        return value
+    if name == "transf_dropout":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError("transf_dropout must be a number in [0, 1)")
+        return float(value)
+    if name == "transf_sm_alpha":
+        name = "sm_alpha"  # same rule as the pool's alpha
+    if name == "transf_sm_mode":
+        name = "sm_mode"
     if name in ("patch_size", "dist_thr"):
         if value is None and name == "patch_size":
             return None
@@ -281,6 +326,35 @@ class TensorFacts:
     att_dim: int
     spectral: tuple[bool, bool]  # proj1, proj2 wrapped
     has_coef: bool
+    encoder: EncoderFacts | None = None  # SmTransformerABMIL
+
+
+@dataclass(frozen=True)
+class EncoderFacts:
+    """What an SmTransformerEncoder's tensors prove (n_heads, add_self, Sm mode and steps they do not)."""
+
+    in_dim: int
+    att_dim: int
+    n_layers: int
+    use_mlp: bool
+    has_coef: bool
+
+
+def encoder_facts(state: dict, path: Path) -> EncoderFacts:
+    """Dimensions of `transformer_encoder.*` tensors; a layout torchmil does not build is an error."""
+    layers = sorted({int(key.split(".")[2]) for key in state if key.startswith(f"{PREFIX}.layers.")})
+    if not layers or layers != list(range(len(layers))):
+        raise _fail(path, f"{PREFIX} tensors without layers 0..n-1 (found layers {layers})")
+    qkv = state.get(f"{PREFIX}.layers.0.att_module.qkv_nn.weight")
+    if qkv is None or qkv.ndim != 2 or qkv.shape[0] % 3:
+        raise _fail(path, f"no {PREFIX}.layers.0.att_module.qkv_nn.weight of shape (3 att_dim, in_dim)")
+    return EncoderFacts(
+        in_dim=int(qkv.shape[1]),
+        att_dim=int(qkv.shape[0]) // 3,
+        n_layers=len(layers),
+        use_mlp=f"{PREFIX}.layers.0.mlp_module.0.weight" in state,
+        has_coef=f"{PREFIX}.layers.0.att_module.sm.sm.coef" in state,
+    )
 
 
 def tensor_facts(state: dict, path: Path) -> tuple[dict, TensorFacts]:
@@ -291,10 +365,17 @@ def tensor_facts(state: dict, path: Path) -> tuple[dict, TensorFacts]:
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
     head = any(key.startswith("pool.") for key in state)
     pool_state = {k[len("pool.") :]: v for k, v in state.items() if k.startswith("pool.")} if head else state
+    encoder = encoder_facts(state, path) if any(k.startswith(f"{PREFIX}.") for k in state) else None
     if head:
-        others = sorted(k for k in state if not k.startswith(("pool.", "last_layer.")))
+        known = ("pool.", "last_layer.") + ((f"{PREFIX}.",) if encoder is not None else ())
+        others = sorted(k for k in state if not k.startswith(known))
         if others:
-            raise _fail(path, "unexpected tensors for an SmABMIL state dict: " + ", ".join(others[:5]))
+            kind = "SmTransformerABMIL" if encoder is not None else "SmABMIL"
+            raise _fail(path, f"unexpected tensors for an {kind} state dict: " + ", ".join(others[:5]))
+    elif encoder is not None:
+        raise _fail(
+            path, f"{PREFIX} tensors without pool.* and last_layer.*: not a torchmil SmTransformerABMIL"
+        )
     spectral = (
         "proj1.parametrizations.weight.original" in pool_state,
         "proj2.parametrizations.weight.original" in pool_state,
@@ -304,7 +385,7 @@ def tensor_facts(state: dict, path: Path) -> tuple[dict, TensorFacts]:
         keys = ", ".join(sorted(state)[:5])
         raise _fail(path, f"no proj1 weight: not a torchmil SmAttentionPool or SmABMIL state dict ({keys})")
     att_dim, in_dim = (int(s) for s in weight1.shape)
-    return state, TensorFacts(head, in_dim, att_dim, spectral, "sm.sm.coef" in pool_state)
+    return state, TensorFacts(head, in_dim, att_dim, spectral, "sm.sm.coef" in pool_state, encoder)
 
 
 # --- resolution --------------------------------------------------------------------------------
@@ -442,8 +523,73 @@ def resolve(facts: TensorFacts, resolver: _Resolver) -> ModelConfig:
         check_pool_config(pool)
     except ValueError as err:
         raise resolver.fail(str(err)) from None
+    transformer = None if facts.encoder is None else resolve_encoder(facts.encoder, resolver)
+    if transformer is not None and transformer.in_dim != pool.in_dim:
+        raise resolver.fail(
+            f"the encoder's in_dim {transformer.in_dim} is not the pool's {pool.in_dim}: not a torchmil model"
+        )
     assumed = tuple(sorted(resolver.assumed, key=lambda item: SETTINGS.index(item.partition("=")[0])))
-    return ModelConfig(pool, facts.head, patch_size, dist_thr, graph=graph, assumed=assumed)
+    return ModelConfig(
+        pool, facts.head, patch_size, dist_thr, graph=graph, assumed=assumed, transformer=transformer
+    )
+
+
+def resolve_encoder(facts: EncoderFacts, resolver: _Resolver) -> TransformerConfig:
+    """SmTransformerABMIL's encoder settings: dimensions from the tensors, n_heads required, the
+    rest by precedence (torchmil's SmTransformerABMIL defaults assumed aloud)."""
+    for name, found in (
+        ("transf_att_dim", facts.att_dim),
+        ("transf_n_layers", facts.n_layers),
+        ("transf_use_mlp", facts.use_mlp),
+    ):
+        for value, said in resolver.every(name):
+            if value != found:
+                raise resolver.fail(f"{said} contradicts the tensors: they have {name} {_show(found)}")
+    heads = resolver.given("n_heads")
+    if heads is None:
+        raise resolver.fail(
+            "n_heads is not in the tensors: give --n-heads (or transf_n_heads in --config); "
+            f"it must divide att_dim {facts.att_dim}"
+        )
+    alpha_given = resolver.given("transf_sm_alpha")
+    if facts.has_coef:
+        if alpha_given is not None and alpha_given[0] != "trainable":
+            raise resolver.fail(
+                f"{alpha_given[1]} contradicts the tensors: the encoder's sm.sm.coef is there, so its "
+                "alpha was trainable"
+            )
+        alpha: float | str = "trainable"
+    elif alpha_given is None or alpha_given[0] == "trainable":
+        raise resolver.fail(
+            "the encoder has no sm.sm.coef tensor, so its alpha was not trainable: give transf_sm_alpha "
+            "(a float) in --config"
+        )
+    else:
+        alpha = alpha_given[0]
+    mode = resolver.pick("transf_sm_mode", "approx")
+    steps = resolver.pick("transf_sm_steps", 10, matters=mode == "approx")
+    if facts.n_layers > 1 and facts.att_dim != facts.in_dim:  # torchmil cannot run add_self there
+        add_self = resolver.pick("transf_add_self", False, matters=False)
+    else:
+        add_self = resolver.pick("transf_add_self", True)
+    dropout = resolver.pick("transf_dropout", 0.0, matters=False)  # never applied when scoring
+    config = TransformerConfig(
+        facts.in_dim,
+        facts.att_dim,
+        facts.n_layers,
+        heads[0],
+        facts.use_mlp,
+        add_self,
+        dropout,
+        alpha,
+        mode,
+        steps,
+    )
+    try:
+        check_transformer_config(config)
+    except ValueError as err:
+        raise resolver.fail(str(err)) from None
+    return config
 
 
 def overridden(resolver: _Resolver) -> list[str]:
@@ -489,7 +635,9 @@ def convert_state(
             "give them as flags or in --config",
         )
     verify_state(build_module(config), state, path)  # every tensor must fit, strictly
-    return config, overridden(resolver)
+    notes = overridden(resolver)
+    note = dropout_note(config.transformer) if config.transformer is not None else None
+    return config, notes + ([note] if note else [])
 
 
 def convert(pt_path: Path, out: Path, options: ConvertOptions) -> ConvertResult:

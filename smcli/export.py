@@ -28,7 +28,13 @@ from smcli.checkpoint import (
 )
 from smcli.errors import ModelError
 from smcli.graph import DEFAULT_DIST_THR, GraphOptions
-from smcli.transformer import LAYER_NORM_EPS, PREFIX, TransformerConfig, check_transformer_config
+from smcli.transformer import (
+    LAYER_NORM_EPS,
+    PREFIX,
+    TransformerConfig,
+    check_transformer_config,
+    dropout_note,
+)
 
 # The dataset class that defines `_load_coords` decides how coords become grid cells.
 DATASET_GRIDS = {
@@ -258,17 +264,6 @@ def transformer_config(encoder: Any) -> TransformerConfig:
     return config
 
 
-def dropout_note(config: TransformerConfig) -> str | None:
-    """The one line saying smcli scores without the attention dropout torchmil applies even in eval."""
-    if config.dropout == 0:
-        return None
-    return (
-        f"note: the transformer's dropout {config.dropout:g} is not applied: torchmil passes it to "
-        "scaled_dot_product_attention even in eval mode (its own eval scores are random); smcli "
-        "scores the deterministic model without dropout"
-    )
-
-
 def _class_name(module: Any) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
@@ -425,5 +420,5 @@ def export_torchmil(
     save_checkpoint(tensors, config, Path(path))
     note = dropout_note(config.transformer) if config.transformer is not None else None
     if note is not None:
-        warnings.warn(note, UserWarning, stacklevel=2)
+        warnings.warn(f"note: {note}", UserWarning, stacklevel=2)
     return config

@@ -301,8 +301,13 @@ def render_grid(
         pixels[outline_mask(cells, labels, nx, ny, cell)] = OUTLINE
     unit = SHORT.get(bag.coords_units, bag.coords_units)
     subtitle = f"{bag.column}, {scale.caption}; {values.shape[0]} patches, step {bag.patch_step:g} {unit}"
-    legend = [CHECKER_SWATCH] + ([(OUTLINE, None, "label 1")] if outlined else [])
+    legend = [CHECKER_SWATCH] + ([(OUTLINE, None, label_legend(labels))] if outlined else [])
     return compose(pixels, scale, cmap, _title(bag), subtitle, legend)
+
+
+def label_legend(labels: np.ndarray | None) -> str:
+    """The legend text of the label outline: says so when the bag has no label-1 patch to outline."""
+    return "label 1" if labels is not None and np.asarray(labels).any() else "label 1 (none in this bag)"
 
 
 def _title(bag: BagValues) -> str:
@@ -436,7 +441,8 @@ def render_overlay(bag: BagValues, thumbnail, style: OverlayStyle = OverlayStyle
             legend.append((TOP_OUTLINE, TOP_HALO, scale.top_label))
     if labelled is not None:
         pixels[border(labelled, line)] = OUTLINE
-        legend.append((OUTLINE, None, "label 1"))
+    if style.labels and labels is not None:
+        legend.append((OUTLINE, None, label_legend(labels)))
     width, height = thumbnail.level0_size
     converted = f" (from µm at {bag.converted_at})" if bag.converted_at else ""
     opacity = "" if style.alpha is None else f", opacity {style.alpha:g}"

@@ -105,6 +105,17 @@ def check_transformer_config(config: TransformerConfig) -> None:
         raise ValueError(f"transformer dropout must be a number in [0, 1), got {config.dropout!r}")
 
 
+def dropout_note(config: TransformerConfig) -> str | None:
+    """One line saying smcli scores without the attention dropout torchmil applies even in eval."""
+    if config.dropout == 0:
+        return None
+    return (
+        f"the transformer's dropout {config.dropout:g} is not applied: torchmil passes it to "
+        "scaled_dot_product_attention even in eval mode (its own eval scores are random); smcli "
+        "scores the deterministic model without dropout"
+    )
+
+
 def layer_norm(x: Any, weight: Any, bias: Any, xp: Any) -> Any:
     """torch.nn.LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * weight + bias, x: (R, D)."""
     mean = xp.mean(x, axis=1, keepdims=True)

@@ -45,6 +45,10 @@ BAGS_COLUMNS = [  # the first nine are the core columns; localization and proven
     "device",
     "smcli_version",
     "scored_at",
+    "ensemble",  # an ensemble's combination, then each model's figures in -m order, ';'-separated
+    "model_names",
+    "model_probabilities",
+    "model_aurocs",
 ]
 FORMATS = ("csv", "parquet")
 
@@ -125,6 +129,8 @@ def bags_row(summary: BagSummary) -> list[str]:
 def _cell(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):  # an ensemble's per-model figures: one cell, ';' between models
+        return ";".join(_cell(item) for item in value)
     if isinstance(value, float):  # numpy floats too; repr keeps every digit
         return repr(float(value))
     # a path that is not valid UTF-8 is written as \udcXX, a control character as \xNN: the
@@ -618,6 +624,11 @@ def skipped_result(path: Path, bag_id: str, previous: dict | None) -> BagResult:
             "device",
             "smcli_version",
             "scored_at",
+            "ensemble",
         ):
             setattr(summary, name, previous.get(name, ""))
+        if previous.get("model_names"):  # an ensemble's per-model figures, ';'-separated
+            summary.model_names = previous["model_names"].split(";")
+            for name in ("model_probabilities", "model_aurocs"):
+                setattr(summary, name, [_number(item, float) for item in previous.get(name, "").split(";")])
     return BagResult(summary)

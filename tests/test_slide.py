@@ -472,3 +472,10 @@ def test_the_colour_bar_says_whose_scale_it_is():
     np.testing.assert_allclose(fixed.t, values / 4)
     assert normalize(np.array([-9.0, 9.0]), "raw", vmin=0, vmax=4).t.tolist() == [0.0, 1.0]  # clipped
     assert "this bag's" in normalize(values, "raw").bar_label
+
+
+def test_the_label_legend_says_when_there_is_nothing_to_outline():
+    from smcli.heatmap import label_legend
+
+    assert label_legend(np.array([0, 1, 0])) == "label 1"
+    assert label_legend(np.zeros(3, dtype=np.int8)) == "label 1 (none in this bag)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmil")
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torchmil.models import SmTransformerABMIL as TorchmilTransformer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -228,12 +231,14 @@ def test_export_refuses_a_transformer_it_cannot_reproduce(tmp_path, build, messa
     assert not (tmp_path / "m.safetensors").exists()
 
 
-@pytest.mark.parametrize("block_values", [1, 64, 1 << 22])
-def test_blocked_attention_is_the_softmax_whatever_the_block(monkeypatch, block_values):
-    """Blocks of query rows (down to 16 rows) give the dense softmax(QK^T/sqrt d)V to float32 rounding."""
-    monkeypatch.setattr(cpu_backend, "ATTENTION_BLOCK_VALUES", block_values)
+@pytest.mark.parametrize("rows,tile", [(16, 16), (16, 50), (64, 1000), (256, 2048)])
+def test_tiled_attention_is_the_softmax_whatever_the_tiles(monkeypatch, rows, tile):
+    """Online softmax over key tiles (down to 16 x 16) gives the dense softmax(QK^T/sqrt d)V."""
+    monkeypatch.setattr(cpu_backend, "ATTENTION_QUERY_ROWS", rows)
+    monkeypatch.setattr(cpu_backend, "ATTENTION_KEY_TILE", tile)
     rng = np.random.default_rng(0)
     query, key, value = (rng.standard_normal((3, 203, 5)).astype(np.float32) * 3 for _ in range(3))
+    key[0] = key[0][np.argsort(key[0][:, 0])]  # head 0: scores grow along the keys, the max moves
     out = get_backend("cpu").scaled_dot_product_attention(query, key, value)
     scores = np.einsum("hqd,hkd->hqk", query.astype(np.float64), key.astype(np.float64)) / np.sqrt(5)
     weights = np.exp(scores - scores.max(axis=2, keepdims=True))
@@ -242,23 +247,26 @@ def test_blocked_attention_is_the_softmax_whatever_the_block(monkeypatch, block_
     assert np.abs(out - expected).max() <= 1e-5
 
 
-def test_blocked_attention_never_holds_an_n_by_n_matrix(monkeypatch):
-    """The score buffer is (rows, N) with rows bounded: its size is recorded by spying on np.empty."""
+def test_tiled_attention_never_holds_an_n_by_n_matrix(monkeypatch):
+    """The largest array allocated is rows x tile (spied on np.empty / np.zeros), never O(N^2)."""
     sizes = []
-    real_empty = np.empty
+    real_empty, real_zeros = np.empty, np.zeros
 
-    def spy(shape, dtype=float, *args, **kwargs):
-        if np.dtype(dtype) != np.uint8:  # backend.empty's raw bytes: the (heads, N, head_dim) output
-            sizes.append(int(np.prod(shape)))
-        return real_empty(shape, dtype, *args, **kwargs)
+    def spy(real):
+        def allocate(shape, dtype=float, *args, **kwargs):
+            if np.dtype(dtype) != np.uint8:  # backend.empty's raw bytes: the (heads, N, head_dim) output
+                sizes.append(int(np.prod(shape)))
+            return real(shape, dtype, *args, **kwargs)
+
+        return allocate
 
     n = 4000
-    monkeypatch.setattr(cpu_backend, "ATTENTION_BLOCK_VALUES", 1 << 16)
-    monkeypatch.setattr(cpu_backend.np, "empty", spy)
+    monkeypatch.setattr(cpu_backend.np, "empty", spy(real_empty))
+    monkeypatch.setattr(cpu_backend.np, "zeros", spy(real_zeros))
     rng = np.random.default_rng(1)
     query, key, value = (rng.standard_normal((2, n, 4)).astype(np.float32) for _ in range(3))
     get_backend("cpu").scaled_dot_product_attention(query, key, value)
-    assert max(sizes) <= max(1 << 16, 16 * n)
+    assert max(sizes) == cpu_backend.ATTENTION_QUERY_ROWS * cpu_backend.ATTENTION_KEY_TILE
     assert max(sizes) < n * n // 10
 
 
@@ -356,3 +364,175 @@ def test_inspect_shows_the_architecture(tmp_path):
         "10 steps (late); spectral norm] -> Linear [12 -> 1]"
     )
     assert lines["transformer"].startswith("add_self True, att_dim 12, dropout 0.0, in_dim 12, n_heads 3")
+
+
+def _saved_training_file(tmp_path, model, name="t.pt"):
+    """What a Trainer run leaves: the state dict under `state_dict`, keys prefixed `model.`."""
+    path = tmp_path / name
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def _convert(*args):
+    return CliRunner().invoke(app, ["convert", *map(str, args)])
+
+
+def test_convert_with_n_heads_and_config_scores_like_torchmil(tmp_path, bag_file):
+    config = ("exact", 0.4, 2, IN_DIM, True, False, "approx", "mid", True)
+    model = torchmil_transformer(config, seed=9, n_heads=3)
+    settings = {
+        "transf_sm_mode": "exact",
+        "transf_sm_alpha": 0.4,
+        "transf_add_self": False,
+        "pool_sm_where": "mid",
+        "pool_sm_mode": "approx",
+        "pool_sm_steps": 10,
+        "pool_act": "tanh",
+        "pool_spectral_norm": True,
+        "patch_size": PATCH,
+        "dist_thr": 2**0.5,
+        "normalize": True,
+        "weights": "binary",
+        "origin": "min",
+    }
+    (tmp_path / "c.json").write_text(json.dumps(settings))
+    out = tmp_path / "t.safetensors"
+    result = _convert(
+        _saved_training_file(tmp_path, model),
+        "-o",
+        out,
+        "--n-heads",
+        3,
+        "--config",
+        tmp_path / "c.json",
+        "--strict",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "SmTransformerABMIL" in result.stderr
+    loaded = load_model(out)
+    assert loaded.config.transformer == TransformerConfig(
+        IN_DIM, IN_DIM, 2, 3, True, False, 0.0, 0.4, "exact", 10
+    )
+    coords = tricky_coords(4)
+    features = torch.randn(len(coords), IN_DIM)
+    expected_logit, expected = torchmil_scores(model, features, coords, dense=True)
+    scored = score_bag(loaded, load_bag(bag_file("b", features, coords)))
+    assert np.abs(scored.table["attention_logit"].to_numpy() - expected).max() <= 1e-5
+    assert abs(scored.summary.logit - expected_logit) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "args,settings,message",
+    [
+        (
+            [],
+            {},
+            "n_heads is not in the tensors: give --n-heads (or transf_n_heads in --config); "
+            "it must divide att_dim 8",
+        ),
+        (["--n-heads", 3], {}, "transformer att_dim 8 is not divisible by n_heads 3"),
+        (
+            ["--n-heads", 2],
+            {"transf_att_dim": 16},
+            "config CONFIG: transf_att_dim 16 contradicts the tensors: they have transf_att_dim 8",
+        ),
+        (
+            ["--n-heads", 2],
+            {"transf_sm_alpha": 0.5},
+            "config CONFIG: transf_sm_alpha 0.5 contradicts the tensors: the encoder's sm.sm.coef is there, "
+            "so its alpha was trainable",
+        ),
+    ],
+)
+def test_convert_refuses_a_transformer_it_cannot_pin_down(tmp_path, args, settings, message):
+    model = torchmil_transformer(("approx", "trainable", 1, 8, True, True, "approx", "early", False))
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(settings))
+    pt = _saved_training_file(tmp_path, model)
+    result = _convert(pt, "-o", tmp_path / "m.safetensors", "--config", config, *args)
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {pt}: {message.replace('CONFIG', str(config))}\n"
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_convert_notes_the_dropout_and_the_assumed_encoder_defaults(tmp_path):
+    model = torchmil_transformer(
+        ("approx", "trainable", 1, 8, True, True, "approx", "early", False), dropout=0.2
+    )
+    pt = _saved_training_file(tmp_path, model)
+    (tmp_path / "c.json").write_text(json.dumps({"transf_dropout": 0.2}))  # the tensors cannot say it
+    result = _convert(pt, "-o", tmp_path / "m.safetensors", "--n-heads", 2, "--config", tmp_path / "c.json")
+    assert result.exit_code == 0
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"note: {pt}: assumed torchmil defaults act=tanh, sm_mode=approx")
+    assert lines[0].endswith("transf_add_self=true, transf_sm_mode=approx, transf_sm_steps=10")
+    assert lines[1] == (
+        f"note: {pt}: the transformer's dropout 0.2 is not applied: torchmil passes it to "
+        "scaled_dot_product_attention even in eval mode (its own eval scores are random); smcli scores "
+        "the deterministic model without dropout"
+    )
+
+
+DEMO = Path(__file__).resolve().parent.parent / "sample_bags" / "models" / "sm_transformer_abmil.safetensors"
+
+
+def torchmil_from_checkpoint(config: ModelConfig, tensors: dict):
+    """torchmil's SmTransformerABMIL built from an smcli config, the checkpoint's tensors loaded strictly."""
+    pool, transformer = config.pool, config.transformer
+    assert transformer is not None
+    model = TorchmilTransformer(
+        (pool.in_dim,),
+        pool_att_dim=pool.att_dim,
+        pool_act=pool.act,
+        pool_sm_mode=pool.sm_mode,
+        pool_sm_alpha=pool.sm_alpha,
+        pool_sm_steps=pool.sm_steps,
+        pool_sm_where=pool.sm_where,
+        pool_spectral_norm=pool.spectral_norm,
+        transf_att_dim=transformer.att_dim,
+        transf_n_layers=transformer.n_layers,
+        transf_n_heads=transformer.n_heads,
+        transf_use_mlp=transformer.use_mlp,
+        transf_add_self=transformer.add_self,
+        transf_sm_alpha=transformer.sm_alpha,
+        transf_sm_mode=transformer.sm_mode,
+        transf_sm_steps=transformer.sm_steps,
+    )
+    state = {name: torch.from_numpy(np.array(value)) for name, value in tensors.items()}
+    state.update({f"criterion.{k}": v for k, v in model.criterion.state_dict().items()})
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_the_demo_transformer_scores_the_sample_slides_as_torchmil_does():
+    """The committed demo checkpoint (trained with torchmil) against torchmil's forward, from the files."""
+    loaded = load_model(DEMO)
+    assert loaded.config.kind == "SmTransformerABMIL"
+    oracle = torchmil_from_checkpoint(loaded.config, dict(read_safetensors(DEMO).tensors))
+    for name in ("slide_01", "slide_02"):
+        bag = load_bag(DEMO.parent.parent / f"{name}.safetensors")
+        result = score_bag(loaded, bag)
+        features = torch.from_numpy(bag.features.astype(np.float32))
+        expected_logit, expected = torchmil_scores(oracle, features, bag.coords * PATCH / 512, dense=False)
+        assert np.abs(result.table["attention_logit"].to_numpy() - expected).max() <= 1e-5
+        assert abs(result.summary.logit - expected_logit) <= 1e-5
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), layers=st.integers(1, 3))
+def test_permuting_the_patches_permutes_the_scores(seed, n, layers):
+    """Self-attention, Sm and the pool are permutation-equivariant; the bag logit is invariant."""
+    rng = np.random.default_rng(seed)
+    config = smcli_config(("approx", "trainable", layers, IN_DIM, True, layers == 1, "exact", "mid", False))
+    model = build_module(config, seed=seed)
+    coords = np.unique(rng.integers(0, 8, size=(n, 2)), axis=0) * PATCH
+    features = rng.standard_normal((len(coords), IN_DIM)).astype(np.float32)
+    order = rng.permutation(len(coords))
+    first = model.attention(features, build_adjacency(grid_cells(coords, PATCH)), symmetric=True)
+    second = model.attention(
+        features[order], build_adjacency(grid_cells(coords[order], PATCH)), symmetric=True
+    )
+    assert np.allclose(
+        np.asarray(second.attention_logit), np.asarray(first.attention_logit)[order], atol=1e-5
+    )
+    assert abs(second.bag_logit - first.bag_logit) <= 1e-5
