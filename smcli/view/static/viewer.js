@@ -260,6 +260,7 @@ function showBagInfo() {
   $("bag-info").innerHTML = `${probability}${bag.patches} patches of ${side} ${unit} · ${escapeHtml(bag.column)}<br>` +
     `table ${escapeHtml(bag.source)}` + (bag.slide ? ` · slide ${escapeHtml(bag.slide)}` : " · patch grid (no slide)") +
     (bag.placed_at ? `<br>${escapeHtml(bag.placed_at)}` : "");
+  $("labels").disabled = !bag.has_labels; // a table without a label column has nothing to outline
   const compare = $("compare");
   compare.innerHTML = '<option value="">(none)</option>';
   for (const other of config.bags) {
