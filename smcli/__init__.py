@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 _API = {
     "load_model": "smcli.checkpoint",
+    "load_ensemble": "smcli.ensemble",
     "load_bag": "smcli.bags",
     "score_bag": "smcli.scoring",
     "score_bags": "smcli.scoring",

@@ -16,7 +16,7 @@ from smcli.bags import find_bags
 from smcli.errors import Interrupted, OutputError, UsageError
 from smcli.interrupts import GUARD
 from smcli.results import BagResult
-from smcli.scoring import ScoreOptions, resolve_device, score_bags
+from smcli.scoring import ScoreOptions, ScoringModel, resolve_device, score_bags
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class ScoreRequest:
     existing: str = "fail"  # fail | skip | overwrite
     fail_fast: bool = False
     shard: tuple[int, int] | None = None  # (K, N), 1-based
+    more_models: list[Path] = field(default_factory=list)  # -m given again: an ensemble with `model`
+    ensemble: str = "mean"  # how an ensemble combines its models: mean | max
 
 
 @dataclass
@@ -128,9 +130,17 @@ def run_score(
 
     paths = select_shard(collect_inputs(request.inputs), request.shard)
     device = resolve_device(request.device, note)
-    model = load_model(request.model, device)
+    model: ScoringModel
+    if request.more_models:  # every model scores every bag, on one graph
+        from smcli.ensemble import load_ensemble
+
+        ensemble = load_ensemble([request.model, *request.more_models], device, request.ensemble)
+        model, config_json = ensemble, ensemble.config_json()
+    else:
+        single = load_model(request.model, device)
+        model, config_json = single, single.config.to_json()
     sink = open_sink(request)
-    sink.model_config_json = model.config.to_json()
+    sink.model_config_json = config_json
     sink.model_sha256 = model.sha256
     options = replace(request.options, device=device)
     summary = RunSummary(total=len(paths))

@@ -46,9 +46,11 @@ def _root(
 
 
 ModelOption = Annotated[
-    Path,
+    list[Path] | None,
     typer.Option(
-        "--model", "-m", envvar="SMCLI_MODEL", help="smcli checkpoint (.safetensors); env SMCLI_MODEL."
+        "--model",
+        "-m",
+        help="smcli checkpoint (.safetensors); repeat for an ensemble; env SMCLI_MODEL (one path).",
     ),
 ]
 PatchSizeOption = Annotated[
@@ -99,6 +101,7 @@ MppOption = Annotated[
         "overrides the slide's openslide.mpp-x/y.",
     ),
 ]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 
 
 def _stderr(message: str) -> None:
@@ -135,7 +138,7 @@ def score(
             help="Bag files (.safetensors, .h5) or directories of them; '-' reads paths from stdin."
         ),
     ],
-    model: ModelOption,
+    model: ModelOption = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -159,6 +162,10 @@ def score(
         str | None,
         typer.Option("--shard", help="K/N: score only the K-th of N slices of the sorted inputs."),
     ] = None,
+    ensemble: Annotated[
+        str | None,
+        typer.Option("--ensemble", help="How several -m models combine: mean (the default) or max."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     top_k: Annotated[
         int | None, typer.Option("--top-k", help="Keep only the K highest-attention patches per bag, ranked.")
@@ -172,6 +179,10 @@ def score(
     ] = False,
 ) -> None:
     """Score bags: per-patch attention logits and weights (and the bag logit with a head).
+
+    Several -m score every bag with each model, on one graph: per-model columns
+    attention_logit_<name> / attention_weight_<name> (name: the checkpoint's file stem), and the
+    ensemble's attention_weight and probability (--ensemble mean, the default, or max).
 
     Example:
         smcli score sample_bags/ -m sample_bags/models/sm_abmil.safetensors -o scores/
@@ -191,9 +202,14 @@ def score(
             raise UsageError(f"--top-k must be at least 1, got {top_k}")
         if skip_existing and overwrite:
             raise UsageError("--skip-existing and --overwrite exclude each other")
+        models = _models(model)
+        if ensemble is not None and len(models) < 2:
+            raise UsageError("--ensemble needs two or more models (-m A -m B)")
         request = ScoreRequest(
             inputs=_expand_stdin(inputs),
-            model=model,
+            model=models[0],
+            more_models=models[1:],
+            ensemble=ensemble or "mean",
             output=output,
             fmt=fmt,
             device=device,
@@ -215,6 +231,19 @@ def score(
         raise _exit_on(err) from None
     reporter.finish(run.line())
     raise typer.Exit(code=run.exit_code)
+
+
+def _models(given: list[Path] | None) -> list[Path]:
+    """The -m checkpoints in order, else SMCLI_MODEL (one path, spaces and all), else a UsageError."""
+    import os
+
+    from smcli.errors import UsageError
+
+    if given:
+        return list(given)
+    if os.environ.get("SMCLI_MODEL"):
+        return [Path(os.environ["SMCLI_MODEL"])]
+    raise UsageError("no model: pass -m MODEL (or set SMCLI_MODEL)")
 
 
 def _expand_stdin(inputs: list[Path]) -> list[Path]:
@@ -265,28 +294,41 @@ def convert(
         str | None,
         typer.Option(help="Grid origin: min (CAMELYON16/PANDA datasets) or zero (TRIDENT)."),
     ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse to assume any torchmil default.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Refuse to assume any torchmil default (now the default).")
+    ] = False,
+    assume_defaults: Annotated[
+        bool,
+        typer.Option(
+            "--assume-defaults", help="Take torchmil's default for a setting nothing gives (recorded, noted)."
+        ),
+    ] = False,
     n_heads: Annotated[
         int | None,
         typer.Option("--n-heads", help="SmTransformerABMIL's transf_n_heads (not in the tensors)."),
     ] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Turn a torchmil SmAttentionPool/SmABMIL/SmTransformerABMIL training file into an smcli checkpoint.
 
     in_dim, att_dim, spectral norm, trainable alpha and the head are read off the tensors; every
-    other setting comes from a flag, else --config, else the file's hyper_parameters, else
-    torchmil's default, which is then named on one `note:` line (an error with --strict). The file
-    is read with torch.load(weights_only=True): a pickle that tries to run code is refused.
+    other setting comes from a flag, else --config, else the file's hyper_parameters; a setting
+    none of them gives is an error (exit 2, naming the flags), unless --assume-defaults takes
+    torchmil's default, named on one `note:` line and recorded. The file is read with
+    torch.load(weights_only=True): a pickle that tries to run code is refused.
     SmTransformerABMIL: the encoder's layers, dims and MLP come from the tensors; --n-heads (or
     transf_n_heads in --config) is required; its other transf_* settings come from --config.
 
     Example:
-        smcli convert smabmil.pt -o model.safetensors --config train_config.json --strict
+        smcli convert smabmil.pt -o model.safetensors --config train_config.json
     """
     from smcli.convert import ConvertOptions
     from smcli.convert import convert as convert_checkpoint
+    from smcli.errors import UsageError
 
     try:
+        if strict and assume_defaults:
+            raise UsageError("--strict and --assume-defaults exclude each other")
         alpha = _parse_alpha(sm_alpha)
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         options = ConvertOptions(
@@ -303,6 +345,8 @@ def convert(
             config,
             strict,
             n_heads=n_heads,
+            assume_defaults=assume_defaults,
+            overwrite=overwrite,
         )
         result = convert_checkpoint(state_dict, output, options)
     except SmcliError as err:
@@ -511,6 +555,7 @@ def heatmap(
         typer.Option("--top-patches", help="With --slide: cut the K highest patches at level 0, as PNGs."),
     ] = None,
     mpp: MppOption = None,
+    overwrite: OverwriteOption = False,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
@@ -559,6 +604,7 @@ def heatmap(
             vmax=vmax,
             crop=crop,
             top_outline=top_outline,
+            overwrite=overwrite,
         )
         for result in run_heatmap(request):
             for text in result.notes:
@@ -608,6 +654,7 @@ def geojson(
         ),
     ] = None,
     mpp: MppOption = None,
+    overwrite: OverwriteOption = False,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
@@ -642,6 +689,7 @@ def geojson(
             BagKeys(features_key, coords_key, labels_key),
             slide=slide,
             mpp=mpp,
+            overwrite=overwrite,
         )
         for result in run_geojson(request):
             for text in result.notes:
@@ -675,10 +723,14 @@ def view(
     ] = "127.0.0.1",
     allow_host: Annotated[
         list[str] | None,
-        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable).")
+        typer.Option("--allow-host", help="Another Host name the browser may use (repeatable)."),
     ] = None,
     no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the URL, open no browser.")] = False,
     mpp: MppOption = None,
+    norm: NormOption = "rank",
+    cmap: CmapOption = "inferno",
+    vmin: VminOption = None,
+    vmax: VmaxOption = None,
     column: ColumnOption = "attention_logit",
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
@@ -691,7 +743,8 @@ def view(
     Serves a local web page (nothing loads from the internet) and prints its URL, with a one-time
     token, as the first line of stdout; Ctrl-C stops it. Hover a patch for its numbers, click a
     top patch to go there, switch bags, or put two tables of one bag side by side (linked pan and
-    zoom). Without --slide the patch grid is the image. Coords in micrometres are placed on the
+    zoom). --norm, --cmap and --vmin/--vmax set how the page starts (as for heatmap); the page
+    changes them. Without --slide the patch grid is the image. Coords in micrometres are placed on the
     slide with its microns per pixel, or --mpp. The page needs the token; only the tables and
     slides named here are served.
 
@@ -700,10 +753,19 @@ def view(
     """
     from smcli.bags import BagKeys
     from smcli.view.data import ViewBag, ViewRequest, load_bags
-    from smcli.view.server import LOCAL_NAMES, ServeOptions, serve_until_stopped, start
+    from smcli.view.server import (
+        LOCAL_NAMES,
+        PageSettings,
+        ServeOptions,
+        check_settings,
+        serve_until_stopped,
+        start,
+    )
 
     try:
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
+        settings = PageSettings(norm, cmap, vmin, vmax)
+        check_settings(settings)
         keys = BagKeys(features_key, coords_key, labels_key)
         request = ViewRequest(inputs, model, slide, column, patch_size, dist_thr, keys, mpp)
         bags = []
@@ -720,7 +782,7 @@ def view(
             from smcli.errors import BagError
 
             raise BagError("no bag to show")
-        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ())))
+        server, url = start(bags, ServeOptions(host, port, tuple(allow_host or ()), settings=settings))
     except SmcliError as err:
         raise _exit_on(err) from None
     if host not in LOCAL_NAMES:

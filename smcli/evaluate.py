@@ -199,20 +199,51 @@ def _float(text: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def model_columns(columns: list[str], model: str | None, directory: Path) -> tuple[str, str, str]:
-    """(_bags.csv probability column, its auroc column, the per-bag table's score column).
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a directory's figures for the evaluated model are: its own columns (`probability`,
+    `auroc`, tables' `attention_logit` — an ensemble's combined ones), or with `member`, one ensemble
+    model's (its item of `model_probabilities` / `model_aurocs`, tables' `attention_logit_<member>`)."""
 
-    A single-model directory: `probability`, `auroc`, `attention_logit`. An ensemble (columns
-    `probability_<name>`): by default the ensemble's `probability`, `auroc` and `attention_weight`;
-    with `model`, that member's `probability_<model>`, `auroc_<model>`, `attention_logit_<model>`.
-    """
-    members = [c.removeprefix("probability_") for c in columns if c.startswith("probability_")]
+    member: str | None = None
+
+    @property
+    def probability_column(self) -> str:
+        return "probability" if self.member is None else f"model_probabilities ({self.member})"
+
+    @property
+    def score_column(self) -> str:
+        return "attention_logit" if self.member is None else f"attention_logit_{self.member}"
+
+    def probability(self, record: dict[str, str]) -> float | None:
+        return self._figure(record, "probability", "model_probabilities")
+
+    def auroc(self, record: dict[str, str]) -> float | None:
+        return self._figure(record, "auroc", "model_aurocs")
+
+    def _figure(self, record: dict[str, str], own: str, listed: str) -> float | None:
+        if self.member is None:
+            return _float(record.get(own))
+        names = (record.get("model_names") or "").split(";")
+        values = (record.get(listed) or "").split(";")
+        if self.member not in names or len(values) != len(names):
+            return None
+        return _float(values[names.index(self.member)])
+
+
+def model_source(rows: dict[str, dict[str, str]], model: str | None, directory: Path) -> ModelSource:
+    """The ModelSource for `--model` (None: the directory's own figures); UsageError for an unknown name."""
     if model is None:
-        return "probability", "auroc", "attention_weight" if members else "attention_logit"
+        return ModelSource()
+    members: list[str] = []
+    for record in rows.values():
+        for name in (record.get("model_names") or "").split(";"):
+            if name and name not in members:
+                members.append(name)
     if model not in members:
         known = ", ".join(members) if members else "none: not an ensemble"
         raise UsageError(f"{directory}: no model {model!r} in _bags.csv (models: {known})")
-    return f"probability_{model}", f"auroc_{model}", f"attention_logit_{model}"
+    return ModelSource(model)
 
 
 def table_path(directory: Path, bag_id: str) -> Path | None:
@@ -276,7 +307,7 @@ def collect(
 ) -> tuple[list[ScoredSlide], dict[str, list[str]], str, str, list[str]]:
     """The slides of one directory matched to targets, what was left out, and notes."""
     rows, columns = read_bag_rows(directory)
-    probability_column, auroc_column, score_column = model_columns(columns, model, directory)
+    source = model_source(rows, model, directory)
     left_out: dict[str, list[str]] = {
         "not in targets": [],
         "missing from outputs": [],
@@ -292,7 +323,7 @@ def collect(
             reason = "failed in scoring" if record.get("status") == "error" else "missing from outputs"
             left_out[reason].append(bag_id)
         else:
-            slides.append(ScoredSlide(bag_id, targets[bag_id], _float(record.get(probability_column))))
+            slides.append(ScoredSlide(bag_id, targets[bag_id], source.probability(record)))
     left_out["missing from outputs"] += [s for s in targets if s not in rows]
     with_probability = [s for s in slides if s.probability is not None]
     if with_probability or not slides:
@@ -301,12 +332,18 @@ def collect(
     else:  # a model without a head: instance level only
         notes.append(f"{name}: no bag probabilities in _bags.csv (a model without a head): no bag level")
     for slide in slides:
-        _attach_instances(directory, slide, rows[slide.bag_id], auroc_column, score_column, notes)
-    return slides, {k: v for k, v in left_out.items() if v}, probability_column, score_column, notes
+        _attach_instances(directory, slide, rows[slide.bag_id], source, notes)
+    return (
+        slides,
+        {k: v for k, v in left_out.items() if v},
+        source.probability_column,
+        source.score_column,
+        notes,
+    )
 
 
 def _attach_instances(
-    directory: Path, slide: ScoredSlide, record: dict, auroc_column: str, score_column: str, notes: list
+    directory: Path, slide: ScoredSlide, record: dict, source: ModelSource, notes: list
 ) -> None:
     """Read the slide's per-bag table: its instance scores by label, its localization AUROC.
 
@@ -315,7 +352,7 @@ def _attach_instances(
     path = table_path(directory, slide.bag_id)
     assert path is not None
     n_instances = _float(record.get("n_instances"))
-    read = read_instances(path, score_column)
+    read = read_instances(path, source.score_column)
     if read is None:
         return
     scores, labels = read
@@ -328,14 +365,15 @@ def _attach_instances(
     slide.positives = scores[labels == 1].astype(np.float64)
     slide.negatives = scores[labels == 0].astype(np.float64)
     slide.localization_auroc = stats.roc_auc(labels, scores)
-    recorded = _float(record.get(auroc_column))
+    recorded = source.auroc(record)
     computed = slide.localization_auroc
     if (recorded is None) != (computed is None) or (
         recorded is not None and computed is not None and abs(recorded - computed) > AUROC_AGREEMENT
     ):
         raise UsageError(
             f"{path}: localization AUROC {computed} from the table but {recorded} in _bags.csv "
-            f"({auroc_column}): the table and _bags.csv disagree; score the bag again"
+            f"({'auroc' if source.member is None else f'model_aurocs ({source.member})'}): the table and "
+            "_bags.csv disagree; score the bag again"
         )
 
 
@@ -528,13 +566,13 @@ def evaluate(request: EvaluateRequest) -> EvaluationReport:
 def _youden_from(directory: Path, targets: dict[str, int], model: str | None) -> tuple[float, str]:
     """The threshold maximizing Youden's J on another scored directory (e.g. a validation set)."""
     rows, columns = read_bag_rows(directory)
-    probability_column, _, _ = model_columns(columns, model, directory)
+    source = model_source(rows, model, directory)
     pairs = [
         (targets[bag_id], value)
         for bag_id, record in rows.items()
         if bag_id in targets
         and record.get("status") in KEPT_STATUSES
-        and (value := _float(record.get(probability_column))) is not None
+        and (value := source.probability(record)) is not None
     ]
     labels = np.array([t for t, _ in pairs], dtype=np.int64)
     if labels.size == 0 or labels.min() == labels.max():

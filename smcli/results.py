@@ -35,6 +35,11 @@ class BagSummary:
     device: str = ""
     smcli_version: str = ""
     scored_at: str = ""  # UTC, ISO 8601; kept out of the tables so they are reproducible
+    # an ensemble (smcli.ensemble): how it combines, and each model's figures, in -m order
+    ensemble: str = ""  # "mean" | "max"; "" for one model
+    model_names: list[str] = field(default_factory=list)
+    model_probabilities: list[float | None] = field(default_factory=list)
+    model_aurocs: list[float | None] = field(default_factory=list)
 
     def provenance(self, model_config_json: str = "") -> dict[str, str]:
         """Key-value metadata for a bag's table: how its numbers were made (no wall-clock time)."""

@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from smcli.backends.torch_device import TORCH_EXTRA, require_torch
 from smcli.bags import Bag, BagKeys, Geometry, check_input, load_bag, peek_bag_id, resolve_geometry
-from smcli.checkpoint import LoadedModel
+from smcli.checkpoint import LoadedModel, ModelConfig
 from smcli.errors import BagError, SmcliError, UsageError
 from smcli.graph import (
     Adjacency,
@@ -119,7 +119,7 @@ class PreparedBag:
     seconds: float  # spent preparing
 
 
-def prepare_bag(model: LoadedModel, bag: Bag, options: ScoreOptions = ScoreOptions()) -> PreparedBag:
+def prepare_bag(model: ScoringModel, bag: Bag, options: ScoreOptions = ScoreOptions()) -> PreparedBag:
     """Check the bag against the model and build its graph. Raises BagError."""
     started = time.perf_counter()
     if bag.features.shape[1] != model.in_dim:
@@ -161,37 +161,96 @@ def features_array(features) -> np.ndarray:
     return tensor.numpy()
 
 
+class ScoringModel(Protocol):
+    """What scoring needs of a model: a LoadedModel, or an ensemble of them (smcli.ensemble), which
+    also scores a prepared bag itself (`score_prepared`)."""
+
+    @property
+    def in_dim(self) -> int: ...
+
+    @property
+    def feature_limit(self) -> float: ...
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
+@dataclass
+class ModelScores:
+    """One model's output on one prepared bag."""
+
+    logits: np.ndarray  # (N,) attention logits, float32
+    weights: np.ndarray  # (N,) softmax over the bag
+    bag_logit: float | None  # None without a head
+    probability: float | None
+    auroc: float | None  # logits against the bag's instance labels
+    device: str
+
+
 def score_bag(
-    model: LoadedModel, bag: Bag | PreparedBag | str | Path, options: ScoreOptions = ScoreOptions()
+    model: ScoringModel, bag: Bag | PreparedBag | str | Path, options: ScoreOptions = ScoreOptions()
 ) -> BagResult:
     """Score one bag (loaded, prepared, or a path to read). Raises BagError for problems with it.
 
     Returns the per-instance table (INSTANCE_COLUMNS, plus `label` when the bag has labels) and
-    the bag's summary row.
+    the bag's summary row. An ensemble (smcli.ensemble.Ensemble) adds each model's columns.
     """
-    import datetime
-
-    import pyarrow as pa
-
-    from smcli import __version__
-    from smcli.metrics import auroc
-    from smcli.model import SmSolveError
-
     if isinstance(bag, (str, Path)):
         bag = load_bag(bag, options.keys)
     prepared = bag if isinstance(bag, PreparedBag) else prepare_bag(model, bag, options)
     started = time.perf_counter() - prepared.seconds
-    bag, geometry, dist_thr = prepared.bag, prepared.geometry, prepared.dist_thr
-    cells, adjacency = prepared.cells, prepared.adjacency
+    score_prepared = getattr(model, "score_prepared", None)  # an ensemble scores itself
+    if score_prepared is not None:
+        result = score_prepared(prepared, options)
+    else:
+        scores = run_model(cast(LoadedModel, model), prepared, options.device)
+        table = instance_table(prepared.bag, scores.logits, scores.weights, options.top_k)
+        summary = bag_summary(
+            prepared, scores.logits, scores.bag_logit, scores.probability, model.sha256, scores.device
+        )
+        result = BagResult(summary, table)
+    result.summary.seconds = time.perf_counter() - started
+    return result
 
-    module = model.module.to(options.device)  # a no-op when the model is there already
+
+def run_model(model: LoadedModel, prepared: PreparedBag, device: str) -> ModelScores:
+    """One model on one prepared bag: logits, weights, bag logit. Raises BagError."""
+    from smcli.metrics import auroc
+    from smcli.model import SmSolveError
+
+    bag = prepared.bag
+    module = model.module.to(device)  # a no-op when the model is there already
     try:
-        out = module.attention(bag.features, adjacency, symmetric=True)  # symmetric by construction
+        out = module.attention(bag.features, prepared.adjacency, symmetric=True)  # symmetric by construction
     except SmSolveError as err:
         raise BagError(f"{bag.path}: {err}") from None
     logits = module.backend.to_numpy(out.attention_logit)
     check_finite_scores(bag.path, logits, out.bag_logit)
-    weights = softmax_weights(logits)
+    return ModelScores(
+        logits=logits,
+        weights=softmax_weights(logits),
+        bag_logit=out.bag_logit,
+        probability=None if out.bag_logit is None else sigmoid(out.bag_logit),
+        auroc=auroc(logits, bag.labels) if bag.labels is not None else None,
+        device=module.device,
+    )
+
+
+def instance_table(
+    bag: Bag,
+    logits: np.ndarray,
+    weights: np.ndarray,
+    top_k: int | None = None,
+    more: dict[str, np.ndarray] | None = None,
+):
+    """The per-instance pyarrow Table: INSTANCE_COLUMNS, then `more` columns (N,) each, then `label`.
+
+    With top_k, the K highest logits, highest first (ties in instance order).
+    """
+    import pyarrow as pa
 
     columns = {
         "bag_id": _repeated_string(bag.bag_id, bag.n_instances),
@@ -201,35 +260,51 @@ def score_bag(
         "attention_logit": _arrow_column(logits),
         "attention_weight": _arrow_column(weights),
     }
+    for name, values in (more or {}).items():
+        columns[name] = _arrow_column(values)
     if bag.labels is not None:
         columns["label"] = _arrow_column(bag.labels)
     table = pa.Table.from_arrays(list(columns.values()), names=list(columns))
-    if options.top_k is not None:
+    if top_k is not None:
         # stable sort on -logit keeps equal logits in instance order
-        table = table.take(_arrow_column(np.argsort(-logits, kind="stable")[: options.top_k]))
+        table = table.take(_arrow_column(np.argsort(-logits, kind="stable")[:top_k]))
+    return table
 
-    probability = None if out.bag_logit is None else sigmoid(out.bag_logit)
-    summary = BagSummary(
+
+def bag_summary(
+    prepared: PreparedBag,
+    logits: np.ndarray,
+    bag_logit: float | None,
+    probability: float | None,
+    model_sha256: str,
+    device: str,
+) -> BagSummary:
+    """The bag's `_bags.csv` row; `auroc` ranks `logits` (N,) against the instance labels."""
+    import datetime
+
+    from smcli import __version__
+    from smcli.metrics import auroc
+
+    bag, geometry, cells, adjacency = prepared.bag, prepared.geometry, prepared.cells, prepared.adjacency
+    return BagSummary(
         bag_id=bag.bag_id,
         path=str(bag.path),
         n_instances=bag.n_instances,
         n_edges=adjacency.n_edges,
-        logit=out.bag_logit,
+        logit=bag_logit,
         probability=probability,
         patch_step=geometry.patch_step,
         patch_step_source=geometry.source,
         coords_units=bag_units(bag),
-        dist_thr=dist_thr,
+        dist_thr=prepared.dist_thr,
         warnings=geometry_warnings(bag, geometry, cells, adjacency.n_edges),
         auroc=auroc(logits, bag.labels) if bag.labels is not None else None,
         input_bytes=_file_size(bag.path),
-        model_sha256=model.sha256,
-        device=module.device,
+        model_sha256=model_sha256,
+        device=device,
         smcli_version=__version__,
         scored_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    summary.seconds = time.perf_counter() - started
-    return BagResult(summary, table)
 
 
 def bag_units(bag: Bag) -> str:
@@ -340,7 +415,7 @@ class _ReadAhead:
 
 def score_bags(
     paths: Iterable[Path],
-    model: LoadedModel,
+    model: ScoringModel,
     options: ScoreOptions = ScoreOptions(),
     precheck: Callable[[Path, str], BagResult | None] | None = None,
 ) -> Iterator[BagResult]:

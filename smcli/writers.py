@@ -19,6 +19,7 @@ from smcli.errors import OutputError, UsageError, printable
 from smcli.files import (  # noqa: F401  (also imported from here)
     MAX_BAG_ID_BYTES,
     atomic_path,
+    prepare_file_output,
     safe_bag_id,
     write_stdout,
 )
@@ -45,6 +46,10 @@ BAGS_COLUMNS = [  # the first nine are the core columns; localization and proven
     "device",
     "smcli_version",
     "scored_at",
+    "ensemble",  # an ensemble's combination, then each model's figures in -m order, ';'-separated
+    "model_names",
+    "model_probabilities",
+    "model_aurocs",
 ]
 FORMATS = ("csv", "parquet")
 
@@ -125,6 +130,8 @@ def bags_row(summary: BagSummary) -> list[str]:
 def _cell(value) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):  # an ensemble's per-model figures: one cell, ';' between models
+        return ";".join(_cell(item) for item in value)
     if isinstance(value, float):  # numpy floats too; repr keeps every digit
         return repr(float(value))
     # a path that is not valid UTF-8 is written as \udcXX, a control character as \xNN: the
@@ -332,10 +339,7 @@ class TableSink:
         self.schema: Any = None
         self.started = False
         self.model_config_json = ""
-        if not path.parent.is_dir():
-            raise UsageError(f"{path}: the directory {path.parent} does not exist")
-        if path.exists() and not overwrite:
-            raise UsageError(f"{path}: output exists; pass --overwrite to replace it")
+        prepare_file_output(path, overwrite, UsageError)  # exists: refused; missing parent: created
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise UsageError(f"{path}: the directory {path.parent} is not writable")
         remove_stale_temporaries(path.parent, lambda name: name in (path.name, self.bags_path.name))
@@ -618,6 +622,11 @@ def skipped_result(path: Path, bag_id: str, previous: dict | None) -> BagResult:
             "device",
             "smcli_version",
             "scored_at",
+            "ensemble",
         ):
             setattr(summary, name, previous.get(name, ""))
+        if previous.get("model_names"):  # an ensemble's per-model figures, ';'-separated
+            summary.model_names = previous["model_names"].split(";")
+            for name in ("model_probabilities", "model_aurocs"):
+                setattr(summary, name, [_number(item, float) for item in previous.get(name, "").split(";")])
     return BagResult(summary)

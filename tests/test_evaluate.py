@@ -12,7 +12,6 @@ from sklearn import metrics
 from typer.testing import CliRunner
 
 from smcli.cli import app
-from smcli.errors import UsageError
 from smcli.evaluate import EvaluateRequest, evaluate
 from smcli.metrics import auroc
 
@@ -220,19 +219,31 @@ def test_threshold_options(cohort, tmp_path):
     assert chosen.threshold == 0.35 and chosen.threshold_source == f"Youden's J on {validation}"
 
 
-def test_ensemble_member_with_model_option(tmp_path):
-    targets = write_targets(tmp_path / "t.csv")
-    member = {k: {"probability_first": v, "auroc_first": 0.5} for k, v in PROBS_B.items()}
-    d = scored_dir(tmp_path, "ens", PROBS_A, extra=member, score_column="attention_weight")
-    report = evaluate(EvaluateRequest([d], targets, n_boot=0))
-    labels = [TARGETS[s] for s in PROBS_A]
-    assert report.models[0].bag.auroc.value == metrics.roc_auc_score(labels, list(PROBS_A.values()))
-    assert report.models[0].instance.score_column == "attention_weight"
-    with pytest.raises(UsageError, match="no column 'attention_logit_first'"):
-        evaluate(EvaluateRequest([d], targets, n_boot=0, model="first"))
-    result = invoke(d, "--targets", targets, "--model", "second")
+def test_ensemble_by_default_and_one_member_with_model(tmp_path):
+    """An ensemble directory: its combined figures, or with --model one member's, which equal that
+    model's own run."""
+    root = Path(__file__).resolve().parent.parent
+    sm, abmil = (root / f"sample_bags/models/{n}.safetensors" for n in ("sm_abmil", "abmil"))
+    bags = [root / f"sample_bags/slide_0{i}.safetensors" for i in range(1, 9)]
+    for name, models in (("ens", [sm, abmil]), ("abmil", [abmil])):
+        args = [str(a) for m in models for a in ("-m", m)]
+        result = runner.invoke(app, ["score", *map(str, bags), *args, "-o", str(tmp_path / name), "-q"])
+        assert result.exit_code == 0, result.stderr
+    targets = root / "sample_bags/targets.csv"
+    combined = evaluate(EvaluateRequest([tmp_path / "ens"], targets, n_boot=0)).models[0]
+    member = evaluate(EvaluateRequest([tmp_path / "ens"], targets, n_boot=0, model="abmil")).models[0]
+    alone = evaluate(EvaluateRequest([tmp_path / "abmil"], targets, n_boot=0)).models[0]
+    assert member.bag == alone.bag and member.instance.per_bag_mean == alone.instance.per_bag_mean
+    assert member.instance.pooled == alone.instance.pooled
+    assert member.instance.score_column == "attention_logit_abmil"
+    assert combined.instance.score_column == "attention_logit"
+    assert combined.instance.per_bag_mean != alone.instance.per_bag_mean
+    result = invoke(tmp_path / "ens", "--targets", targets, "--model", "second")
     assert result.exit_code == 2
-    assert result.stderr == f"error: {d}: no model 'second' in _bags.csv (models: first)\n"
+    assert (
+        result.stderr
+        == f"error: {tmp_path / 'ens'}: no model 'second' in _bags.csv (models: sm_abmil, abmil)\n"
+    )
 
 
 def test_top_k_tables_are_not_used_for_localization(cohort):

@@ -192,3 +192,30 @@ def test_the_browser_is_refused_without_token_with_a_foreign_host_and_outside_th
     assert page.goto(url).status == 200  # sets the cookie
     assert page.goto(base + "static/%2e%2e/server.py").status == 404
     assert page.goto(base + "static/viewer.js").status == 200  # the cookie stands in for the token
+
+
+@pytest.fixture(scope="module")
+def grid_url(files):
+    command = [sys.executable, "-m", "smcli", "view", str(files["tables"][0]), "--no-browser"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    yield process.stdout.readline().strip()
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=20)
+    assert process.returncode == 0
+
+
+def test_without_a_slide_the_grid_is_the_image_with_the_same_controls(page, grid_url):
+    from smcli.heatmap import colour_map, lookup_table
+
+    page.goto(grid_url)
+    settle(page)
+    shown = pixels(page)
+    checker = near(shown, (236, 236, 236), 2) | near(shown, (206, 206, 206), 2)
+    assert checker.mean() > 0.05  # "no patch": the corners of the bag's bounding box
+    top_colour = lookup_table(colour_map("inferno"))[-1]
+    assert near(shown, top_colour, 4).any()  # opaque colours on the grid: the top patch at 100 %
+    page.select_option("#cmap", "viridis")
+    settle(page)
+    assert near(pixels(page), lookup_table(colour_map("viridis"))[-1], 4).any()
+    assert "cmap=viridis" in page.evaluate("location.hash")

@@ -100,6 +100,9 @@ def test_a_slide_given_as_a_symlink_is_served(tmp_path, table):
         (["{table}", "--port", "70000"], 2, "--port must be in 0..65535"),
         (["{table}", "--slide", "{table}"], 1, "cannot read as a slide"),
         (["{table}", "--column", "nope"], 2, "no column 'nope'"),
+        (["{table}", "--vmin", "0", "--vmax", "1"], 2, "add --norm raw"),
+        (["{table}", "--cmap", "nope"], 2, "unknown --cmap 'nope'"),
+        (["{table}", "--mpp", "-1"], 2, "--mpp must be a positive number"),
     ],
 )
 def test_errors_are_one_line_with_their_exit_code(table, args, code, message):

@@ -22,7 +22,7 @@ from smcli.view.tiles import Pyramid, encode_png
 
 OUTLINE = (0, 214, 255, 255)  # cyan, as heatmap's label outline
 OUTLINE_WIDTH = 2  # pixels at every zoom: the border of label-1 patches stays visible
-FADE_FLOOR = 0.2  # with fade, the lowest value keeps a fifth of the layer's opacity
+FADE_FLOOR = 0.15 / 0.9  # with fade at the page's 90 %: 0.15 at the bottom to 0.9 at the top, as heatmap
 
 
 @dataclass(frozen=True)

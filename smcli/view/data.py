@@ -19,7 +19,7 @@ from smcli.bags import BagKeys
 from smcli.errors import BagError, UsageError
 from smcli.scored import BagValues, Failed, ValuesRequest, iter_values
 
-SCALES = ("rank", "minmax", "raw")
+SCALES = ("rank", "minmax", "raw", "log")  # as heatmap's --norm
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,26 @@ class ViewBag:
         return self.bag.bag_id
 
     def scaled(self, scale: str, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-        """(N,) float32 in [0, 1]: rank (percentile / 100), min-max, or raw clipped to [vmin, vmax]."""
+        """(N,) float32 in [0, 1]: rank (average rank of the drawn column, 0 to 1), min-max, log
+        (min-max of log10), or raw clipped to [vmin, vmax] (the bag's min and max when not given).
+        UsageError for log of values <= 0."""
         key = (scale, vmin, vmax)
         cached = self._scales.get(key)
         if cached is not None:
             return cached
         values = self.values
         if scale == "rank":
-            t = self.percentile / 100.0
+            t = rank_percentile(values) / 100.0
+        elif scale == "log":
+            if not (values > 0).all():
+                raise UsageError(f"{self.bag.column}: the log scale needs positive values")
+            logs = np.log10(values)
+            low, high = float(logs.min()), float(logs.max())
+            t = (logs - low) / (high - low) if high > low else np.full_like(values, 0.5)
         elif scale in ("minmax", "raw"):
-            lo = float(values.min()) if vmin is None or scale == "minmax" else vmin
-            hi = float(values.max()) if vmax is None or scale == "minmax" else vmax
-            t = (values - lo) / (hi - lo) if hi > lo else np.full_like(values, 0.5)
+            low = float(values.min()) if vmin is None or scale == "minmax" else vmin
+            high = float(values.max()) if vmax is None or scale == "minmax" else vmax
+            t = (values - low) / (high - low) if high > low else np.full_like(values, 0.5)
         else:
             raise UsageError(f"unknown scale {scale!r}: use {', '.join(SCALES)}")
         result = np.clip(t, 0.0, 1.0).astype(np.float32)

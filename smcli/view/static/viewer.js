@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { bag: 0, compare: null, opacity: null, cmap: "inferno", scale: "rank", vmin: null, vmax: null, labels: false, fade: null };
+const state = { bag: 0, compare: null, opacity: null, cmap: null, scale: null, vmin: null, vmax: null, labels: false, fade: null };
 let config = null; // /api/bags: bags, colormaps, scales, tile_size
 const panels = [];
 
@@ -71,8 +71,7 @@ class Panel {
       element: section.querySelector(".osd"),
       prefixUrl: "static/openseadragon/images/",
       drawer: "canvas",
-      showNavigator: true,
-      navigatorPosition: "BOTTOM_RIGHT",
+      showNavigator: false, // its own copy of both layers would double the first screen's low-level tiles
       visibilityRatio: 0.5,
       maxZoomPixelRatio: 4,
       animationTime: 0.5,
@@ -213,6 +212,7 @@ function drawColorbar() {
   const bag = config.bags[state.bag];
   let ticks;
   if (state.scale === "rank") ticks = ["0 %", "50 %", "100 %"];
+  else if (state.scale === "log") ticks = [bag.min, Math.sqrt(bag.min * bag.max), bag.max].map((v) => Number(v).toPrecision(3));
   else {
     const lo = state.scale === "raw" ? state.vmin : bag.min;
     const hi = state.scale === "raw" ? state.vmax : bag.max;
@@ -260,6 +260,7 @@ function showBagInfo() {
   $("bag-info").innerHTML = `${probability}${bag.patches} patches of ${side} ${unit} · ${escapeHtml(bag.column)}<br>` +
     `table ${escapeHtml(bag.source)}` + (bag.slide ? ` · slide ${escapeHtml(bag.slide)}` : " · patch grid (no slide)") +
     (bag.placed_at ? `<br>${escapeHtml(bag.placed_at)}` : "");
+  $("labels").disabled = !bag.has_labels; // a table without a label column has nothing to outline
   const compare = $("compare");
   compare.innerHTML = '<option value="">(none)</option>';
   for (const other of config.bags) {
@@ -301,10 +302,13 @@ async function main() {
   config = await fetchJson("api/bags");
   if (!(state.bag in config.bags)) state.bag = 0;
   if (state.compare !== null && (!(state.compare in config.bags) || state.compare === state.bag)) state.compare = null;
-  if (!config.colormaps[state.cmap]) state.cmap = "inferno";
-  if (!config.scales.includes(state.scale)) state.scale = "rank";
+  const start = config.settings; // smcli view --norm/--cmap/--vmin/--vmax; the #hash overrides
+  if (!config.colormaps[state.cmap]) state.cmap = config.colormaps[start.cmap] ? start.cmap : "inferno";
+  if (!config.scales.includes(state.scale)) state.scale = start.scale;
+  if (state.vmin === null && state.vmax === null && start.vmin !== null) { state.vmin = start.vmin; state.vmax = start.vmax; }
   const bag = config.bags[state.bag];
-  if (state.opacity === null) state.opacity = 100; // with fade, only the highest attention is opaque
+  // over a slide, with fade: 0.15 at the bottom of the scale to 0.9 at the top, as heatmap; the grid opaque
+  if (state.opacity === null) state.opacity = bag.slide ? 90 : 100;
   if (state.fade === null) state.fade = Boolean(bag.slide); // on the grid, low values must not look like "no patch"
   if (state.vmin === null) state.vmin = bag.min;
   if (state.vmax === null) state.vmax = bag.max;
