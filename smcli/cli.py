@@ -101,6 +101,7 @@ MppOption = Annotated[
         "overrides the slide's openslide.mpp-x/y.",
     ),
 ]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 
 
 def _stderr(message: str) -> None:
@@ -293,28 +294,41 @@ def convert(
         str | None,
         typer.Option(help="Grid origin: min (CAMELYON16/PANDA datasets) or zero (TRIDENT)."),
     ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse to assume any torchmil default.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Refuse to assume any torchmil default (now the default).")
+    ] = False,
+    assume_defaults: Annotated[
+        bool,
+        typer.Option(
+            "--assume-defaults", help="Take torchmil's default for a setting nothing gives (recorded, noted)."
+        ),
+    ] = False,
     n_heads: Annotated[
         int | None,
         typer.Option("--n-heads", help="SmTransformerABMIL's transf_n_heads (not in the tensors)."),
     ] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Turn a torchmil SmAttentionPool/SmABMIL/SmTransformerABMIL training file into an smcli checkpoint.
 
     in_dim, att_dim, spectral norm, trainable alpha and the head are read off the tensors; every
-    other setting comes from a flag, else --config, else the file's hyper_parameters, else
-    torchmil's default, which is then named on one `note:` line (an error with --strict). The file
-    is read with torch.load(weights_only=True): a pickle that tries to run code is refused.
+    other setting comes from a flag, else --config, else the file's hyper_parameters; a setting
+    none of them gives is an error (exit 2, naming the flags), unless --assume-defaults takes
+    torchmil's default, named on one `note:` line and recorded. The file is read with
+    torch.load(weights_only=True): a pickle that tries to run code is refused.
     SmTransformerABMIL: the encoder's layers, dims and MLP come from the tensors; --n-heads (or
     transf_n_heads in --config) is required; its other transf_* settings come from --config.
 
     Example:
-        smcli convert smabmil.pt -o model.safetensors --config train_config.json --strict
+        smcli convert smabmil.pt -o model.safetensors --config train_config.json
     """
     from smcli.convert import ConvertOptions
     from smcli.convert import convert as convert_checkpoint
+    from smcli.errors import UsageError
 
     try:
+        if strict and assume_defaults:
+            raise UsageError("--strict and --assume-defaults exclude each other")
         alpha = _parse_alpha(sm_alpha)
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)
         options = ConvertOptions(
@@ -331,6 +345,8 @@ def convert(
             config,
             strict,
             n_heads=n_heads,
+            assume_defaults=assume_defaults,
+            overwrite=overwrite,
         )
         result = convert_checkpoint(state_dict, output, options)
     except SmcliError as err:
@@ -539,6 +555,7 @@ def heatmap(
         typer.Option("--top-patches", help="With --slide: cut the K highest patches at level 0, as PNGs."),
     ] = None,
     mpp: MppOption = None,
+    overwrite: OverwriteOption = False,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
@@ -587,6 +604,7 @@ def heatmap(
             vmax=vmax,
             crop=crop,
             top_outline=top_outline,
+            overwrite=overwrite,
         )
         for result in run_heatmap(request):
             for text in result.notes:
@@ -636,6 +654,7 @@ def geojson(
         ),
     ] = None,
     mpp: MppOption = None,
+    overwrite: OverwriteOption = False,
     patch_size: PatchSizeOption = None,
     dist_thr: DistThrOption = None,
     features_key: FeaturesKeyOption = "features",
@@ -670,6 +689,7 @@ def geojson(
             BagKeys(features_key, coords_key, labels_key),
             slide=slide,
             mpp=mpp,
+            overwrite=overwrite,
         )
         for result in run_geojson(request):
             for text in result.notes:

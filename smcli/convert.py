@@ -9,7 +9,8 @@ torch.load(weights_only=True): no pickled code ever runs.
 Every setting comes from, in this order: a flag > the --config file (JSON) > hyper_parameters >
 the tensors > torchmil's default. The tensors are facts: a flag, config or hyper_parameters that
 contradicts them is an error. A setting that falls through to torchmil's default is an
-*assumption*: listed in `ConvertResult.assumed`, recorded in the checkpoint, an error with strict.
+*assumption*: an error by default (a different default is a silently different model), allowed
+with `assume_defaults` (then listed in `ConvertResult.assumed` and recorded in the checkpoint).
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ class ConvertOptions:
     weights: str | None = None
     origin: str | None = None
     config: Path | None = None  # JSON file of torchmil constructor and graph settings
-    strict: bool = False  # an assumption is an error
+    strict: bool = False  # accepted for old scripts: an assumption is an error anyway
+    assume_defaults: bool = False  # take torchmil's default for a setting nothing gives
+    overwrite: bool = False  # replace an existing output file
     n_heads: int | None = None  # SmTransformerABMIL's transf_n_heads
 
     def given(self) -> dict[str, Any]:
@@ -628,22 +631,50 @@ def convert_state(
             raise _fail(path, f"hyper_parameters: {err}") from None
     resolver = _Resolver(sources, path)
     config = resolve(facts, resolver)
-    if options.strict and config.assumed:
-        raise _fail(
-            path,
-            f"--strict: would assume torchmil defaults {', '.join(config.assumed)}; "
-            "give them as flags or in --config",
-        )
+    if options.strict and options.assume_defaults:
+        raise UsageError("--strict and --assume-defaults exclude each other")
+    if config.assumed and not options.assume_defaults:
+        raise _fail(path, missing_settings_message(config.assumed))
     verify_state(build_module(config), state, path)  # every tensor must fit, strictly
     notes = overridden(resolver)
     note = dropout_note(config.transformer) if config.transformer is not None else None
     return config, notes + ([note] if note else [])
 
 
+FLAG_OF = {  # the `smcli convert` flag that gives each setting; the others go in --config
+    **{
+        name: "--" + name.replace("_", "-") for name in ("act", "sm_mode", "sm_alpha", "sm_steps", "sm_where")
+    },
+    **{name: "--" + name.replace("_", "-") for name in ("patch_size", "dist_thr", "weights", "origin")},
+    "normalize": "--normalize/--no-normalize",
+    "transf_n_heads": "--n-heads",
+}
+
+
+def missing_settings_message(assumed: tuple[str, ...]) -> str:
+    """One line: the settings nothing gave, the flag for each, and the way to accept defaults."""
+    names = [item.partition("=")[0] for item in assumed]
+    flags = ", ".join(f"{name} ({FLAG_OF.get(name, '--config')})" for name in names)
+    return (
+        f"the file does not record {flags}; give them as flags or in --config, "
+        f"or pass --assume-defaults to take torchmil's {', '.join(assumed)}"
+    )
+
+
 def convert(pt_path: Path, out: Path, options: ConvertOptions) -> ConvertResult:
     """`smcli convert`: torchmil training file -> smcli checkpoint (.safetensors), atomically."""
+    from smcli.errors import OutputError
+    from smcli.files import prepare_file_output
+
+    out = Path(out)
+    if out.exists() and not options.overwrite:  # before the file is read: fail fast
+        raise UsageError(f"{out}: output exists; pass --overwrite to replace it")
     state, hyper_parameters, found = read_training_file(pt_path)
     config, notes = convert_state(state, hyper_parameters, options, pt_path)
     kept = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
-    save_checkpoint(kept, config, out)
+    prepare_file_output(out, options.overwrite, UsageError)  # a missing parent directory is created
+    try:
+        save_checkpoint(kept, config, out)
+    except OSError as err:
+        raise OutputError(f"{out}: cannot write ({err.strerror or type(err).__name__})") from None
     return ConvertResult(config, config.assumed, found, notes)

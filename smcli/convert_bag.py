@@ -8,7 +8,7 @@ import numpy as np
 
 from smcli.bags import Bag, BagKeys, load_bag
 from smcli.errors import OutputError, UsageError
-from smcli.files import atomic_path
+from smcli.files import atomic_path, prepare_file_output
 from smcli.readers import COORDS_UNITS
 from smcli.tensorfile import write_safetensors
 
@@ -28,9 +28,8 @@ def convert_to_safetensors(path: Path, out: Path, keys: BagKeys = BagKeys(), ove
         raise UsageError(f"{out}: the output of convert-bag must end in .safetensors")
     if out.exists() and not overwrite:
         raise UsageError(f"{out}: output exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: the directory {out.parent} does not exist")
     bag = load_bag(path, keys)
+    prepare_file_output(out, overwrite, UsageError)  # a missing parent directory is created
     fmt = bag.metadata.get("format", "safetensors")
     metadata = {k: v for k, v in bag.metadata.items() if k not in OWN_METADATA}
     metadata["bag_id"] = bag.bag_id

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from smcli.errors import OutputError, StdoutClosed
+from smcli.errors import OutputError, SmcliError, StdoutClosed
 from smcli.interrupts import GUARD
 
 MAX_BAG_ID_BYTES = 200  # leaves room for the suffix and the temporary-file prefix in a 255-byte name
@@ -40,6 +40,25 @@ def atomic_path(path: Path, commit: Callable[[], None] | None = None) -> Iterato
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def prepare_file_output(path: Path, overwrite: bool, error: type[SmcliError] = OutputError) -> None:
+    """The one rule for a command's output *file*: an existing one is refused unless `overwrite`
+    (one line naming --overwrite); a missing parent directory is created, as `-o DIR/` is.
+
+    Raises `error` (UsageError for a command's single output, OutputError for one bag's file).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise error(f"{path}: output exists; pass --overwrite to replace it")
+    if path.is_dir():
+        raise error(f"{path}: is a directory, not an output file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise error(
+            f"{path}: cannot create the directory {path.parent} ({err.strerror or type(err).__name__})"
+        ) from None
 
 
 def _umask() -> int:

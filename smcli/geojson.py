@@ -20,7 +20,7 @@ import numpy as np
 
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
-from smcli.files import per_bag_target
+from smcli.files import per_bag_target, prepare_file_output
 from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, on_level0, prepare_output
 from smcli.slide import SlideFinder
 from smcli.units import PIXELS, check_mpp_flag, mpp_from_properties
@@ -42,6 +42,7 @@ class GeoJsonRequest:
     keys: BagKeys = BagKeys()
     slide: Path | None = None  # the slide (file, or directory of <bag_id>.*): its MPP, its bounds
     mpp: float | None = None  # µm per level-0 pixel; overrides the slide's (micrometre coords only)
+    overwrite: bool = False  # replace existing .geojson files (else that bag's error)
 
 
 @dataclass
@@ -203,6 +204,7 @@ def run_geojson(request: GeoJsonRequest) -> Iterator[GeoJsonResult]:
                 result.notes.append(note)
             document = feature_collection(item, request.top_k, request.min_percentile, request.object_type)
             path = target_path(request.output, item.bag_id)
+            prepare_file_output(path, request.overwrite)
             write_json(document, path)
             result.written, result.n_features = path, len(document["features"])
         except (BagError, OutputError) as err:

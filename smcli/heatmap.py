@@ -29,7 +29,7 @@ import numpy as np
 
 from smcli.bags import BagKeys
 from smcli.errors import BagError, OutputError, UsageError
-from smcli.files import per_bag_target
+from smcli.files import per_bag_target, prepare_file_output
 from smcli.scored import BagValues, Failed, ValuesRequest, iter_values, on_level0, prepare_output
 from smcli.slide import SlideFinder, border
 from smcli.units import SHORT, check_mpp_flag, mpp_from_properties
@@ -505,6 +505,7 @@ class HeatmapRequest:
     alpha: float | None = None  # None: opacity rising with the value (OverlayStyle)
     top_patches: int | None = None
     mpp: float | None = None  # µm per level-0 pixel; overrides the slide's (micrometre coords only)
+    overwrite: bool = False  # replace existing pictures (else that bag's error)
     vmin: float | None = None  # with --norm raw: one fixed scale for every bag
     vmax: float | None = None
     crop: bool = True  # draw the patches' bounding box plus a margin, not the whole slide
@@ -631,6 +632,7 @@ def draw_bag(
         if request.labels and bag.labels is None:
             result.warnings.append(f"{bag.source}: {bag.bag_id}: no labels to outline")
         picture = render_grid(bag, request.norm, request.labels, request.cmap, request.vmin, request.vmax)
+        claim_outputs(path, request)
         save_rgb(picture.render(), path)
         result.written = path
         return
@@ -651,10 +653,18 @@ def draw_bag(
         box = crop_box(coords, bag.patch_side, level0_size)
     thumbnail = read_thumbnail(slide_path, request.max_side, box)
     picture = render_overlay(bag, thumbnail, request.style)
+    claim_outputs(path, request)
     save_rgb(picture.render(), path)
     result.written = path
     if request.top_patches:
         result.top = write_top_patches(bag, slide_path, path.with_suffix(""), request.top_patches)
+
+
+def claim_outputs(path: Path, request: HeatmapRequest) -> None:
+    """The output rule (files.prepare_file_output) for a bag's picture and its top-patch sheet."""
+    prepare_file_output(path, request.overwrite)
+    if request.top_patches:
+        prepare_file_output(path.with_name(f"{path.stem}_top.png"), request.overwrite)
 
 
 def write_top_patches(bag: BagValues, slide_path: Path, base: Path, k: int) -> list[Path]:

@@ -113,4 +113,25 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     from safetensors.numpy import save_file
 
     # np.require, not np.ascontiguousarray: that one turns a 0-d array (sm.sm.coef) into shape (1,)
-    save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(path), metadata=metadata)
+    arrays = {k: np.require(v, requirements="C") for k, v in tensors.items()}
+    try:
+        save_file(arrays, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as err:  # SafetensorError wraps an OS error in its text: give it back as OSError
+        os_error = _os_error(str(err))
+        if os_error is None:
+            raise
+        raise os_error from None
+
+
+def _os_error(message: str) -> OSError | None:
+    """The OSError behind a safetensors failure ("... (os error 28) ..."), None if it names none."""
+    import os
+    import re
+
+    found = re.search(r"\(os error (\d+)\)", message)
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))

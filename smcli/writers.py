@@ -19,6 +19,7 @@ from smcli.errors import OutputError, UsageError, printable
 from smcli.files import (  # noqa: F401  (also imported from here)
     MAX_BAG_ID_BYTES,
     atomic_path,
+    prepare_file_output,
     safe_bag_id,
     write_stdout,
 )
@@ -338,10 +339,7 @@ class TableSink:
         self.schema: Any = None
         self.started = False
         self.model_config_json = ""
-        if not path.parent.is_dir():
-            raise UsageError(f"{path}: the directory {path.parent} does not exist")
-        if path.exists() and not overwrite:
-            raise UsageError(f"{path}: output exists; pass --overwrite to replace it")
+        prepare_file_output(path, overwrite, UsageError)  # exists: refused; missing parent: created
         if not os.access(path.parent, os.W_OK | os.X_OK):
             raise UsageError(f"{path}: the directory {path.parent} is not writable")
         remove_stale_temporaries(path.parent, lambda name: name in (path.name, self.bags_path.name))

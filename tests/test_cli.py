@@ -196,7 +196,7 @@ def test_convert_then_score_through_the_cli(tmp_path, bags, oracle):
     pt = tmp_path / "state.pt"
     torch.save(oracle.state_dict(), pt)
     out = tmp_path / "converted.safetensors"
-    result = invoke("convert", pt, "-o", out, "--act", "gelu")
+    result = invoke("convert", pt, "-o", out, "--act", "gelu", "--assume-defaults")
     assert result.exit_code == 0, result.stderr
     assert f"wrote {out}" in result.stderr
     path, features, coords = bags["slide_a"]

@@ -157,7 +157,11 @@ def test_trainer_ddp_compile_wrappers_convert_and_score_like_torchmil(tmp_path, 
     path = tmp_path / "wrapped.pt"
     torch.save({"model_state_dict": wrapped.state_dict(), "epoch": 9}, path)
     assert next(iter(torch.load(path)["model_state_dict"])).startswith("_orig_mod.module.model.pool.")
-    result = convert(path, tmp_path / "m.safetensors", ConvertOptions(act="gelu", sm_steps=7, **FULL_GRAPH))
+    result = convert(
+        path,
+        tmp_path / "m.safetensors",
+        ConvertOptions(act="gelu", sm_steps=7, **FULL_GRAPH, assume_defaults=True),
+    )
     assert result.found == "'model_state_dict' of a checkpoint dict, prefix _orig_mod.module.model. removed"
     assert result.assumed == ("sm_mode=approx",)  # mid read off the spectral-norm layout
     assert result.config.pool.sm_where == "mid"
@@ -174,7 +178,7 @@ def test_lightning_checkpoint_takes_settings_from_hyper_parameters(
     hyper.update(norm_adj=True, adj_with_dist=False, dist_thr=1.5, patch_size=PATCH, weights=[1, 3])
     path = tmp_path / "epoch=3.ckpt"
     torch.save(lightning_checkpoint(oracle, hyper), path)
-    result = convert(path, tmp_path / "m.safetensors", ConvertOptions())
+    result = convert(path, tmp_path / "m.safetensors", ConvertOptions(assume_defaults=True))
     assert result.found == "Lightning checkpoint, prefix model. removed"
     # exact mode: sm_steps plays no part; torchmil has no name for the origin; `weights` is ignored
     assert result.assumed == ("origin=min",)
@@ -191,7 +195,9 @@ def test_flags_override_config_which_overrides_hyper_parameters(tmp_path, lightn
     )
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"act": "tanh", "sm_steps": 6}))
-    result = convert(path, tmp_path / "m.safetensors", ConvertOptions(act="gelu", config=config))
+    result = convert(
+        path, tmp_path / "m.safetensors", ConvertOptions(act="gelu", config=config, assume_defaults=True)
+    )
     pool = result.config.pool
     assert (pool.act, pool.sm_steps, pool.sm_mode) == ("gelu", 6, "exact")
     assert result.notes == [
@@ -230,10 +236,21 @@ def test_graph_flags_and_config_reach_the_checkpoint(tmp_path):
     )
     assert (loaded.dist_thr, loaded.patch_size) == (1.5, 512.0)
     result = invoke(
-        "convert", pt, "-o", out, *flags, "--normalize", "--weights", "binary", "--config", config
+        "convert",
+        pt,
+        "-o",
+        out,
+        *flags,
+        "--normalize",
+        "--weights",
+        "binary",
+        "--config",
+        config,
+        "--overwrite",
     )
     assert load_model(out).config.graph.normalize is True  # the flag wins over the config
-    assert invoke("convert", pt, "-o", out, "--weights", "gauss").exit_code == 2
+    gauss = invoke("convert", pt, "-o", out, "--weights", "gauss", "--overwrite")
+    assert gauss.exit_code == 2 and "--weights" in gauss.stderr
 
 
 # --- nothing assumed quietly -------------------------------------------------------------------
@@ -243,7 +260,7 @@ def test_every_default_is_one_note_line_recorded_and_shown_by_inspect(tmp_path):
     pt = tmp_path / "model.pt"
     torch.save(torchmil_model(True).state_dict(), pt)
     out = tmp_path / "m.safetensors"
-    result = invoke("convert", pt, "-o", out)
+    result = invoke("convert", pt, "-o", out, "--assume-defaults")
     assert result.exit_code == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
     assert notes == [
@@ -256,22 +273,39 @@ def test_every_default_is_one_note_line_recorded_and_shown_by_inspect(tmp_path):
     assert f"  assumed     {', '.join(assumed)}" in shown.stdout.splitlines()
 
 
-def test_strict_turns_any_assumption_into_exit_2(tmp_path):
+MISSING_LINE = (
+    "the file does not record sm_mode (--sm-mode), sm_steps (--sm-steps), sm_where (--sm-where), "
+    "dist_thr (--dist-thr), normalize (--normalize/--no-normalize), weights (--weights), origin (--origin); "
+    "give them as flags or in --config, or pass --assume-defaults to take torchmil's sm_mode=approx, "
+    "sm_steps=10, sm_where=early, dist_thr=1.41421, normalize=true, weights=binary, origin=min"
+)
+
+
+@pytest.mark.parametrize("strict", [[], ["--strict"]])
+def test_any_assumption_is_exit_2_by_default_and_strict_is_a_no_op(tmp_path, strict):
     pt = tmp_path / "model.pt"
     torch.save(torchmil_model(False).state_dict(), pt)
     out = tmp_path / "m.safetensors"
-    result = invoke("convert", pt, "-o", out, "--strict", "--act", "tanh")
+    result = invoke("convert", pt, "-o", out, *strict, "--act", "tanh")
     assert result.exit_code == 2
-    assert result.stderr == (
-        f"error: {pt}: --strict: would assume torchmil defaults sm_mode=approx, sm_steps=10, sm_where=early, "
-        "dist_thr=1.41421, normalize=true, weights=binary, origin=min; give them as flags or in --config\n"
-    )
+    assert result.stderr == f"error: {pt}: {MISSING_LINE}\n"
     assert not out.exists()
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"sm_mode": "approx", "sm_steps": 10, "sm_where": "early", **FULL_GRAPH}))
-    result = invoke("convert", pt, "-o", out, "--strict", "--act", "tanh", "--config", config)
+    result = invoke("convert", pt, "-o", out, *strict, "--act", "tanh", "--config", config)
     assert result.exit_code == 0, result.stderr
     assert "note:" not in result.stderr
+    assert load_model(out).config.assumed == ()
+
+
+def test_strict_and_assume_defaults_together_are_a_usage_error(tmp_path):
+    pt = tmp_path / "model.pt"
+    torch.save(torchmil_model(False).state_dict(), pt)
+    result = invoke("convert", pt, "-o", tmp_path / "m.safetensors", "--strict", "--assume-defaults")
+    assert (result.exit_code, result.stderr) == (
+        2,
+        "error: --strict and --assume-defaults exclude each other\n",
+    )
 
 
 # each row of issue 10's table: a mistake that used to convert silently (the model as trained)
@@ -286,13 +320,15 @@ ISSUE_ROWS = [
 
 
 @pytest.mark.parametrize("trained,assumption", ISSUE_ROWS)
-def test_issue_table_rows_are_notes_and_strict_errors(tmp_path, trained, assumption):
+def test_issue_table_rows_are_errors_unless_defaults_are_assumed(tmp_path, trained, assumption):
     pt = tmp_path / "model.pt"
     torch.save(torchmil_model(True, **trained).state_dict(), pt)
-    result = convert(pt, tmp_path / "m.safetensors", ConvertOptions())
+    result = convert(pt, tmp_path / "m.safetensors", ConvertOptions(assume_defaults=True))
     assert assumption in result.assumed
-    with pytest.raises(ModelError, match=f"--strict: would assume torchmil defaults .*{assumption}"):
-        convert(pt, tmp_path / "s.safetensors", ConvertOptions(strict=True))
+    name = assumption.partition("=")[0]
+    for options in (ConvertOptions(), ConvertOptions(strict=True)):
+        with pytest.raises(ModelError, match=f"does not record .*{name} .*--assume-defaults"):
+            convert(pt, tmp_path / "s.safetensors", options)
 
 
 # --- contradictions and bad input --------------------------------------------------------------
@@ -466,7 +502,9 @@ def test_any_wrapper_prefix_and_settings_source_converts_the_same(
     if in_config:
         config_path = tmp_path / "c.json"
         config_path.write_text(json.dumps(in_config))
-    result = convert(path, tmp_path / "m.safetensors", ConvertOptions(config=config_path, **flags))
+    result = convert(
+        path, tmp_path / "m.safetensors", ConvertOptions(config=config_path, **flags, assume_defaults=True)
+    )
 
     stated = {
         k for k, where in placement.items() if where != "absent" and (where != "hparams" or wrapper != "bare")

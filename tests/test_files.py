@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from smcli import files
+from smcli.cli import app
 from smcli.errors import OutputError, StdoutClosed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,3 +171,66 @@ def test_a_nearly_full_disk_on_stdout_is_an_error_not_a_cut_table(tiny_tmpfs):
     assert done.returncode == 1, done.stderr
     assert "error: stdout: cannot write (No space left on device)" in done.stderr.splitlines()
     assert "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------- one output rule for every command
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A scores table of slide_01 (for heatmap/geojson) and a torchmil training file (for convert)."""
+    import torch
+    from torchmil.nn import SmAttentionPool
+
+    folder = tmp_path_factory.mktemp("inputs")
+    table = folder / "slide_01.csv"
+    assert invoke("score", SLIDE_01, "-m", MODEL, "-o", table).exit_code == 0
+    torch.manual_seed(0)
+    pt = folder / "pool.pt"
+    torch.save(SmAttentionPool(8, 4).state_dict(), pt)
+    return {"table": table, "pt": pt}
+
+
+WRITERS = {  # command -> (arguments before -o, output file name)
+    "score": (lambda given: ["score", SLIDE_01, "-m", MODEL], "scores.csv"),
+    "score parquet": (lambda given: ["score", SLIDE_01, "-m", MODEL], "scores.parquet"),
+    "convert-bag": (lambda given: ["convert-bag", SLIDE_01], "bag.safetensors"),
+    "heatmap": (lambda given: ["heatmap", given["table"]], "map.png"),
+    "geojson": (lambda given: ["geojson", given["table"]], "tiles.geojson"),
+    "convert": (lambda given: ["convert", given["pt"], *CONVERT_FLAGS], "model.safetensors"),
+}
+CONVERT_FLAGS = ["--assume-defaults"]
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_every_writer_creates_a_missing_parent_and_refuses_an_existing_output(tmp_path, inputs, command):
+    arguments, name = WRITERS[command]
+    out = tmp_path / "not" / "yet" / name
+    first = invoke(*arguments(inputs), "-o", out)
+    assert first.exit_code == 0, first.stderr
+    assert out.is_file()
+    out.write_bytes(b"precious")
+    again = invoke(*arguments(inputs), "-o", out)
+    assert again.exit_code in (1, 2)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out}: output exists; pass --overwrite to replace it"], again.stderr
+    assert out.read_bytes() == b"precious"
+    replaced = invoke(*arguments(inputs), "-o", out, "--overwrite")
+    assert replaced.exit_code == 0, replaced.stderr
+    assert out.read_bytes() != b"precious"
+
+
+def test_a_directory_output_is_created_with_its_parents(tmp_path):
+    out = tmp_path / "a" / "b" / "scores"
+    assert invoke("score", SLIDE_01, "-m", MODEL, "-o", out).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["_bags.csv", "slide_01.csv"]

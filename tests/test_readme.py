@@ -86,6 +86,11 @@ def test_bring_your_model_config_and_note_are_what_convert_takes_and_prints(tmp_
     assert json.loads(config.read_text())["att_act"] == "tanh"
     bare = tmp_path / "bare.pt"
     torch.save(SmABMIL((8,)).state_dict(), bare)
-    plain = runner.invoke(app, ["convert", str(bare), "-o", str(tmp_path / "b.safetensors")])
+    refused = runner.invoke(app, ["convert", str(bare), "-o", str(tmp_path / "b.safetensors")])
+    error = re.search(r"```\n(error: .*?)\n```", text).group(1)
+    assert refused.exit_code == 2 and refused.stderr.splitlines() == [error.replace("model.pt", str(bare))]
+    plain = runner.invoke(
+        app, ["convert", str(bare), "-o", str(tmp_path / "b.safetensors"), "--assume-defaults"]
+    )
     note = re.search(r"```\n(note: .*?)\n```", text).group(1)
     assert plain.stderr.splitlines()[0] == note.replace("model.pt", str(bare))

@@ -461,7 +461,19 @@ def test_convert_notes_the_dropout_and_the_assumed_encoder_defaults(tmp_path):
     )
     pt = _saved_training_file(tmp_path, model)
     (tmp_path / "c.json").write_text(json.dumps({"transf_dropout": 0.2}))  # the tensors cannot say it
-    result = _convert(pt, "-o", tmp_path / "m.safetensors", "--n-heads", 2, "--config", tmp_path / "c.json")
+    refused = _convert(pt, "-o", tmp_path / "m.safetensors", "--n-heads", 2, "--config", tmp_path / "c.json")
+    assert refused.exit_code == 2
+    assert "transf_add_self (--config), transf_sm_mode (--config)" in refused.stderr
+    result = _convert(
+        pt,
+        "-o",
+        tmp_path / "m.safetensors",
+        "--n-heads",
+        2,
+        "--config",
+        tmp_path / "c.json",
+        "--assume-defaults",
+    )
     assert result.exit_code == 0
     lines = result.stderr.splitlines()
     assert lines[0].startswith(f"note: {pt}: assumed torchmil defaults act=tanh, sm_mode=approx")
