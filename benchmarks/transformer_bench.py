@@ -5,6 +5,7 @@ Usage (from the repository root, with the project's virtualenv):
     python benchmarks/transformer_bench.py                  # N = 2k, 10k, 50k (a few minutes per side at 50k)
     python benchmarks/transformer_bench.py --sizes 2k,10k --threads 2
     python benchmarks/transformer_bench.py --in-dim 512 --att-dim 256 --layers 2
+    python benchmarks/transformer_bench.py --device cuda --sizes 10k,100k   # both sides on the GPU
 
 The report (markdown) goes to stdout, progress to stderr. What is measured, per bag size N:
 
@@ -78,22 +79,34 @@ def child_smcli(spec: dict) -> dict:
     from smcli.checkpoint import load_model
     from smcli.graph import build_adjacency, grid_cells
 
-    model = load_model(spec["model"])
+    model = load_model(spec["model"], spec["device"])
     bag = load_bag(spec["bag"])
     adjacency = build_adjacency(grid_cells(bag.coords, PATCH_SIZE), DIST_THR)
     features = np.ascontiguousarray(bag.features, dtype=np.float32)
     before = peak_rss_mib()
     start = time.perf_counter()
     out = model.module.attention(features, adjacency, symmetric=True)
+    bag_logit = float(out.bag_logit)  # a host float: on CUDA this waits for the device
     seconds = time.perf_counter() - start
-    np.save(spec["logits"], np.asarray(out.attention_logit, dtype=np.float32))
+    logits = model.module.backend.to_numpy(out.attention_logit)
+    np.save(spec["logits"], np.asarray(logits, dtype=np.float32))
     return {
         "seconds": seconds,
         "rss_before": before,
         "rss_peak": peak_rss_mib(),
-        "bag_logit": out.bag_logit,
+        "bag_logit": bag_logit,
         "torch_imported": "torch" in sys.modules,
+        **gpu_peak(spec["device"]),
     }
+
+
+def gpu_peak(device: str) -> dict:
+    """The CUDA allocator's peak in MiB (an empty dict off the GPU)."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    return {"gpu_peak": torch.cuda.max_memory_allocated() / 2**20}
 
 
 def child_torchmil(spec: dict) -> dict:
@@ -104,6 +117,7 @@ def child_torchmil(spec: dict) -> dict:
     from torchmil.utils import build_adj, normalize_adj
 
     torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"].removeprefix("torch:"))
     config = spec["config"]
     transformer, pool = config["transformer"], config["pool"]
     model = SmTransformerABMIL(
@@ -132,19 +146,22 @@ def child_torchmil(spec: dict) -> dict:
     n = len(cells)
     edge_index, edge_weight = build_adj(cells, None, dist_thr=DIST_THR)
     weight = normalize_adj(edge_index, edge_weight, n_nodes=n)
-    adj = torch.sparse_coo_tensor(edge_index, weight, (n, n)).coalesce().to(torch.float32)
-    features = torch.from_numpy(bag["features"])
+    adj = torch.sparse_coo_tensor(edge_index, weight, (n, n)).coalesce().to(torch.float32).to(device)
+    features = torch.from_numpy(bag["features"]).to(device)
+    model = model.to(device)
     before = peak_rss_mib()
     start = time.perf_counter()
     with torch.no_grad():
         logit, attention = model(features[None], adj[None], return_att=True)
+    bag_logit = float(logit[0])  # waits for the device
     seconds = time.perf_counter() - start
-    np.save(spec["logits"], attention[0].numpy())
+    np.save(spec["logits"], attention[0].cpu().numpy())
     return {
         "seconds": seconds,
         "rss_before": before,
         "rss_peak": peak_rss_mib(),
-        "bag_logit": float(logit[0]),
+        "bag_logit": bag_logit,
+        **gpu_peak(spec["device"]),
     }
 
 
@@ -178,6 +195,8 @@ def cell(result: dict | None) -> tuple[str, str]:
     if "error" in result:
         return f"failed ({result['error']})", ""
     rss = f"{result['rss_peak']:,.0f} MiB (+{result['rss_peak'] - result['rss_before']:,.0f})"
+    if "gpu_peak" in result:
+        rss += f", GPU {result['gpu_peak']:,.0f} MiB"
     return f"{result['seconds']:.2f} s", rss
 
 
@@ -192,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per child")
     parser.add_argument("--skip-torchmil", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (numpy, no torch), cuda, or torch:cpu")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
@@ -226,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                     "logits": str(workdir / f"{side}.npy"),
                     "threads": args.threads,
                     "config": config,
+                    "device": args.device,
                 }
                 results[side] = run_child(spec, args.timeout)
             delta = ""
@@ -242,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"SmTransformerABMIL, in_dim {args.in_dim}, {transformer['n_layers']} layer(s) x "
         f"{transformer['n_heads']} heads, att_dim {transformer['att_dim']}, MLP, add_self, approx Sm; "
-        f"pool att_dim 128 tanh approx early. {args.threads} threads per side, load average before "
+        f"pool att_dim 128 tanh approx early. Device {args.device}, {args.threads} threads per side, "
+        "load average before "
         f"the run {load:.2f}, {os.cpu_count()} CPUs.\n"
     )
     print(

@@ -21,6 +21,7 @@ from smcli.errors import UsageError, printable
 from smcli.stats import Estimate
 
 KEPT_STATUSES = ("ok", "skipped")  # _bags.csv rows that describe an output file
+MAX_BOOT = 100_000  # the resample indices are held as (n_boot, slides): bounded memory
 AUROC_AGREEMENT = 1e-9  # a table's localization AUROC vs its _bags.csv `auroc` cell
 
 
@@ -518,8 +519,8 @@ def _compare_bags(a: ModelReport, b: ModelReport, n_boot: int, seed: int) -> Com
 
 def evaluate(request: EvaluateRequest) -> EvaluationReport:
     """Evaluate every directory against the targets. Raises UsageError (exit 2) for bad input."""
-    if request.n_boot < 0:
-        raise UsageError(f"--n-boot must be 0 or more, got {request.n_boot}")
+    if not 0 <= request.n_boot <= MAX_BOOT:
+        raise UsageError(f"--n-boot must be between 0 and {MAX_BOOT}, got {request.n_boot}")
     if request.threshold is not None and request.threshold_from:
         raise UsageError("--threshold and --threshold-from exclude each other")
     if request.threshold is not None and not 0.0 <= request.threshold <= 1.0:

@@ -25,12 +25,13 @@ def _number(value: float | None, digits: int = 3) -> str:
 
 
 def _with_interval(estimate: Estimate) -> str:
-    """`0.884 (0.812–0.951)`: the value and its 95 % bootstrap interval."""
+    """`0.884 [0.812, 0.951]`: the value and its 95 % bootstrap interval (a comma, not a dash,
+    between the bounds, so negative bounds read unambiguously)."""
     if estimate.value is None:
         return "n/a"
     if estimate.low is None or estimate.high is None:
         return _number(estimate.value)
-    return f"{_number(estimate.value)} ({_number(estimate.low)}–{_number(estimate.high)})"
+    return f"{_number(estimate.value)} [{_number(estimate.low)}, {_number(estimate.high)}]"
 
 
 def _p_value(value: float | None) -> str:

@@ -311,7 +311,7 @@ def test_errors_are_one_line_with_exit_2(cohort, tmp_path):
         ((a, "--targets", tmp_path / "blank.csv"), "no slides in the targets file"),
         ((a, "--targets", tmp_path / "positive.csv"), "need positive and negative slides"),
         ((a, "--targets", tmp_path / "other.csv"), "need positive and negative slides (no slides)"),
-        ((a, "--targets", targets, "--n-boot", "-1"), "--n-boot must be 0 or more, got -1"),
+        ((a, "--targets", targets, "--n-boot", "-1"), "--n-boot must be between 0 and 100000, got -1"),
         ((a, "--targets", targets, "--threshold", "1.5"), "--threshold must be a probability in [0, 1]"),
         ((a, "--targets", targets, "--threshold", "0.3", "--threshold-from", b), "exclude each other"),
         ((a, b, "--targets", targets, "--threshold-from", b), "--threshold-from given 1 times for 2"),
@@ -319,6 +319,13 @@ def test_errors_are_one_line_with_exit_2(cohort, tmp_path):
             (a, "--targets", targets, "--model", "m"),
             "no model 'm' in _bags.csv (models: none: not an ensemble)",
         ),
+    ]
+    cases += [
+        (
+            (a, "--targets", targets, "--n-boot", "100001"),
+            "--n-boot must be between 0 and 100000, got 100001",
+        ),
+        ((a, "--targets", targets, "-o", targets), f"{targets}: cannot create the report directory"),
     ]
     for args, message in cases:
         result = invoke(*args)
@@ -344,3 +351,19 @@ def test_sample_cohort_end_to_end(tmp_path):
         recorded = [float(r["auroc"]) for r in csv.DictReader(handle) if r["auroc"]]
     assert report.complete and report.models[0].bag.n_slides == 8
     assert report.models[0].instance.per_bag_mean.value == pytest.approx(np.mean(recorded), abs=1e-12)
+
+
+def test_rich_table_on_a_terminal(cohort):
+    import io
+
+    from smcli.report import print_table
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    targets, a, b = cohort
+    stream = Terminal()
+    print_table(evaluate(EvaluateRequest([a, b], targets, n_boot=10)), stream)
+    text = stream.getvalue()
+    assert "model_a" in text and "DeLong p" in text and "| model_a |" not in text  # boxes, not Markdown
