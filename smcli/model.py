@@ -44,6 +44,9 @@ RESIDUAL_RTOL = 1e-6  # ||M g - f|| / ||f|| accepted after the solve (float64; s
 BOUND_MARGIN = 1e-12  # relative slack on the spectral bound: rounding in the row sums
 MAX_INDEFINITE_PATCHES = 250_000  # sparse LU of a 100k-patch grid: ~1 s, ~200 MB of fill; beyond, refuse
 MAX_INDEFINITE_CONDITION = 1e8  # cond_1(M) * float64 eps stays below float32 rounding of the result
+FLOAT32_RTOL = 1e-6  # the first float32 Chebyshev round's relative error (times 1/kappa): near its rounding
+MAX_REFINEMENTS = 8  # float64 residuals per column block of the exact solve (two for torchmil's graphs)
+FLOAT32_ROUND_REDUCTION = 1e-6  # what one float32 correction is asked for at most: its rounding floor
 
 
 class SmSolveError(SmcliError):
@@ -77,6 +80,19 @@ class SmGraph:
         if dtype not in self._matrices:
             self._matrices[dtype] = self.backend.sparse(self.host, dtype)
         return self._matrices[dtype]
+
+    def system(self, coef: float, dtype: Any) -> Any:
+        """B = coef A - (1 + coef) I = -M, the exact solver's matrix on the backend (one sparse product
+        applies M with its diagonal: no separate pass over the vectors)."""
+        key = ("system", coef, dtype)
+        if key not in self._matrices:
+            import scipy.sparse
+
+            identity = scipy.sparse.identity(self.n, dtype=np.float64, format="csr")
+            host = (coef * self.host.astype(np.float64) - (1.0 + coef) * identity).tocsr()
+            host.sort_indices()
+            self._matrices[key] = self.backend.sparse(host, dtype)
+        return self._matrices[key]
 
     @property
     def symmetric(self) -> bool:
@@ -245,14 +261,67 @@ def exact_sm(f: Any, adj: Any, coef: float, rtol: float = SOLVE_RTOL, symmetric:
         )
     if coef == 0 or f.shape[1] == 0:
         return xp.asarray(f, copy=True)
-    adj64 = graph.matrix(xp.float64)
-    out = xp.empty_like(f)
-    for start in range(0, f.shape[1], SOLVE_BLOCK_COLUMNS):  # bounded float64 working set
-        block = xp.astype(f[:, start : start + SOLVE_BLOCK_COLUMNS], xp.float64, copy=True)
-        solution = _chebyshev(backend, block, adj64, coef, low, high, steps)
-        _check_residual(backend, block, adj64, coef, solution)
-        out[:, start : start + SOLVE_BLOCK_COLUMNS] = xp.astype(solution, f.dtype)
+    if steps == 0:  # M is a multiple of I to working precision
+        return f / (1.0 + coef)
+    return _refined_chebyshev(backend, f, graph, coef, low, high, rtol)
+
+
+def chebyshev_reduction_steps(low: float, high: float, reduction: float) -> int:
+    """Chebyshev steps that shrink the residual by `reduction` on a spectrum in [low, high] > 0:
+    ||r_k|| <= sqrt(kappa) ||e_k||_M / ||e_0||_M ||r_0|| <= 2 sqrt(kappa) rho^k ||r_0||."""
+    kappa = high / low
+    if kappa <= 1.0 + 1e-14:
+        return 0
+    root = math.sqrt(kappa)
+    rho = (root - 1.0) / (root + 1.0)
+    return max(1, math.ceil(math.log(reduction / (2.0 * root)) / math.log(rho)))
+
+
+def _refined_chebyshev(
+    backend: Backend, f: Any, graph: SmGraph, coef: float, low: float, high: float, rtol: float
+) -> Any:
+    """Mixed-precision iterative refinement: Chebyshev in float32, the residual in float64.
+
+    f: (N, C). The solve is memory-bound: float32 halves the bytes of every pass, and the first
+    round takes all columns through each sparse product together. Float32 alone stops near its
+    rounding (relative residual ~kappa * 6e-8), so then, per block of SOLVE_BLOCK_COLUMNS columns
+    (a bounded float64 working set), the residual r = f - M x is formed in float64 and M d = r is
+    solved again in float32, x accumulating in float64, until ||r|| <= max(rtol / kappa,
+    SOLVE_RTOL_FLOOR) ||f|| for the block (one correction for torchmil's graphs at coef 1: the
+    float64 solution to ~1e-9, exact to float32's last bit). Deterministic: step counts come from
+    the bound and the measured residuals.
+    """
+    xp = backend.xp
+    target = max(rtol * low / high, SOLVE_RTOL_FLOOR)
+    system32, system64 = graph.system(coef, xp.float32), graph.system(coef, xp.float64)
+    rhs = f if f.dtype == xp.float32 else xp.astype(f, xp.float32)  # (N, C)
+    first = _chebyshev(backend, rhs, system32, coef, low, high, chebyshev_steps(low, high, FLOAT32_RTOL))
+    del rhs
+    out = first if f.dtype == xp.float32 else xp.empty_like(f)  # written block by block, read first
+    for start in range(0, f.shape[1], SOLVE_BLOCK_COLUMNS):
+        cols = slice(start, start + SOLVE_BLOCK_COLUMNS)
+        block = xp.astype(f[:, cols], xp.float64, copy=True)  # (N, <= 32)
+        block_norm = math.sqrt(_squared_norm(xp, block))
+        solution = xp.astype(first[:, cols], xp.float64, copy=True)
+        for _ in range(MAX_REFINEMENTS):
+            residual = backend.addmm(block, system64, solution, beta=1.0, alpha=1.0)  # f - M x = f + B x
+            relative = math.sqrt(_squared_norm(xp, residual)) / block_norm if block_norm > 0 else 0.0
+            if relative <= target:
+                break
+            steps = chebyshev_reduction_steps(low, high, max(target / relative, FLOAT32_ROUND_REDUCTION))
+            residual32 = xp.astype(residual, xp.float32)
+            correction = _chebyshev(backend, residual32, system32, coef, low, high, steps)
+            backend.axpy(solution, xp.astype(correction, xp.float64), 1.0)
+        if not relative <= RESIDUAL_RTOL:
+            raise SmSolveError(
+                f"exact Sm did not converge (relative residual {relative:.3g}, coef {coef:.6g})"
+            )
+        out[:, cols] = xp.astype(solution, f.dtype)
     return out
+
+
+def _squared_norm(xp: Any, values: Any) -> float:
+    return float(xp.sum(values * values))
 
 
 def _indefinite_sm(f: Any, graph: SmGraph, coef: float) -> Any:
@@ -305,11 +374,15 @@ def _indefinite_sm(f: Any, graph: SmGraph, coef: float) -> Any:
     return out
 
 
-def _chebyshev(backend: Backend, f: Any, adj64: Any, coef: float, low: float, high: float, steps: int) -> Any:
-    """Chebyshev iteration (Saad, Iterative Methods, alg. 12.1) for M g = f, M = (1+coef) I - coef A.
+def _chebyshev(
+    backend: Backend, f: Any, system: Any, coef: float, low: float, high: float, steps: int
+) -> Any:
+    """Chebyshev iteration (Saad, Iterative Methods, alg. 12.1) for M x = f, M = (1+coef) I - coef A.
 
-    f: (N, C) float64, C-contiguous. The direction d is kept as scale * unscaled so that its
-    update is a single in-place pass.
+    f: (N, C) C-contiguous, in the dtype of `system`, the backend's B = coef A - (1+coef) I = -M
+    (graph.system: the diagonal folded into the sparse matrix, so r -= M d is one fused pass). The
+    direction d is kept as scale * unscaled so that its update is a single in-place pass: per step
+    one sparse product and two axpys over (N, C).
     """
     xp = backend.xp
     x = f / (1.0 + coef)  # exact where A vanishes (isolated patches)
@@ -317,14 +390,12 @@ def _chebyshev(backend: Backend, f: Any, adj64: Any, coef: float, low: float, hi
         return x
     centre, half_width = (high + low) / 2, (high - low) / 2
     sigma = centre / half_width
-    residual = backend.addmm(x, adj64, x, beta=0.0, alpha=coef)  # r0 = f - M x0 = coef A x0, (N, C)
+    residual = backend.addmm(f, system, x, beta=1.0, alpha=1.0)  # r0 = f - M x0 = f + B x0, (N, C)
     unscaled, scale = xp.asarray(residual, copy=True), 1.0 / centre  # d0 = r0 / centre
     ratio = 1.0 / sigma
     for _ in range(steps):
         backend.axpy(x, unscaled, scale)
-        # r -= M d, M d = scale ((1 + coef) u - coef A u): two in-place passes over r, no M d array
-        backend.axpy(residual, unscaled, -(1.0 + coef) * scale)
-        backend.addmm(residual, adj64, unscaled, beta=1.0, alpha=coef * scale, out=residual)
+        backend.addmm(residual, system, unscaled, beta=1.0, alpha=scale, out=residual)  # r -= M d
         next_ratio = 1.0 / (2.0 * sigma - ratio)
         # d' = next_ratio ratio d + (2 next_ratio / half_width) r
         decay = next_ratio * ratio
@@ -372,12 +443,7 @@ def activate(hidden: Any, act: str, backend: Backend) -> Any:
         return xp.tanh(hidden)
     if act == "relu":
         return xp.clip(hidden, min=0.0)
-    gate = hidden * (1.0 / math.sqrt(2.0))  # gelu(x) = x * 0.5 * (1 + erf(x / sqrt 2))
-    gate = backend.erf(gate)
-    gate += 1.0
-    gate *= hidden
-    gate *= 0.5
-    return gate
+    return backend.gelu(hidden)  # x * 0.5 * (1 + erf(x / sqrt 2)); float32 erf on the CPU (erf32)
 
 
 def _linear_init(rng: np.random.Generator, out_dim: int, in_dim: int) -> np.ndarray:
@@ -573,15 +639,21 @@ class SmAttentionPool(_Parameters):
         stacked = weights["stacked"]
         n, in_dim = X.shape
         projected = backend.empty((n, stacked.shape[0]), xp.float32)  # (N, att_dim [+ 1])
-        # Every chunk is copied into one reused, 64-byte aligned buffer before the GEMM: on some
-        # CPUs (seen on AMD EPYC) a float32 GEMM gives different last bits when its input is not
-        # 16-byte aligned, and where the features sit depends on the file format (safetensors
-        # header length, h5 reads). The copy makes the bits independent of that.
-        staging = backend.empty((min(chunk_rows, n), in_dim), xp.float32)
+        # A chunk that is not float32 at GEMM_ALIGNMENT is copied into one reused, 64-byte aligned
+        # buffer before the GEMM: on some CPUs (seen on AMD EPYC with torch's GEMM) a float32 GEMM
+        # gives different last bits when its input is not 16-byte aligned, and where the features
+        # sit depends on the file format (safetensors header length, h5 reads). The copy makes the
+        # bits independent of that; an aligned float32 chunk skips it (backend.gemm_ready).
+        staging = None
         for start in range(0, n, chunk_rows):
             chunk = backend.asarray(X[start : start + chunk_rows])
-            rows = staging[: chunk.shape[0]]
-            rows[...] = chunk  # converts float16/float64 on the way
+            if backend.gemm_ready(chunk):
+                rows = chunk
+            else:
+                if staging is None:
+                    staging = backend.empty((min(chunk_rows, n), in_dim), xp.float32)
+                rows = staging[: chunk.shape[0]]
+                rows[...] = chunk  # converts float16/float64 on the way
             projected[start : start + chunk_rows] = xp.matmul(rows, stacked.T)  # (rows, att [+ 1])
         del staging
 

@@ -31,6 +31,10 @@ class Backend(Protocol):
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """An uninitialized array, 64-byte aligned (the staging buffer's bits must not depend on it)."""
 
+    def gemm_ready(self, array: Any) -> bool:
+        """Whether a float32 array can go to the GEMM as it is, its bits the same as from the
+        aligned staging buffer (else the model copies it there first)."""
+
     def sparse(self, matrix: Any, dtype: Any) -> Any:
         """scipy.sparse CSR matrix (host) -> the backend's sparse matrix in dtype."""
 
@@ -42,6 +46,9 @@ class Backend(Protocol):
 
     def axpy(self, y: Any, x: Any, alpha: float) -> None:
         """y += alpha * x in place (no temporary of y's size)."""
+
+    def gelu(self, x: Any) -> Any:
+        """Exact GELU, x (1 + erf(x / sqrt 2)) / 2, elementwise; x may be overwritten."""
 
     def scaled_dot_product_attention(self, query: Any, key: Any, value: Any) -> Any:
         """softmax(Q K^T / sqrt(head_dim)) V per head; query, key, value: (heads, N, head_dim).

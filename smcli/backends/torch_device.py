@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ class TorchBackend:
     def empty(self, shape: tuple[int, ...], dtype: Any):
         return self.torch.empty(shape, dtype=dtype, device=self.device)  # the caching allocator aligns
 
+    def gemm_ready(self, array: Any) -> bool:
+        return False  # host arrays go to the device through the staging buffer anyway
+
     def sparse(self, matrix: Any, dtype: Any):
         import warnings
 
@@ -65,6 +69,13 @@ class TorchBackend:
 
     def axpy(self, y, x, alpha: float) -> None:
         y.add_(x, alpha=alpha)
+
+    def gelu(self, x):
+        gate = self.torch.special.erf(x * (1.0 / math.sqrt(2.0)))
+        gate += 1.0
+        gate *= x
+        gate *= 0.5
+        return gate
 
     def scaled_dot_product_attention(self, query, key, value):
         """torch's fused kernel (flash / memory-efficient on CUDA): no (N, N) matrix, no dropout."""
