@@ -227,3 +227,20 @@ def test_api_ensemble_and_top_k(runs):
         result.table.sort_values("attention_logit", ascending=False, kind="stable")["instance"][:5]
     )
     assert result.summary.model_names == ["sm_abmil", "abmil"] and result.summary.ensemble == "mean"
+
+
+def test_one_graph_per_bag_and_each_model_once(monkeypatch):
+    import smcli.ensemble
+    import smcli.scoring
+    from smcli.scoring import score_bags
+
+    built, ran = [], []
+    build, run = smcli.scoring.build_adjacency_with, smcli.ensemble.run_model
+    monkeypatch.setattr(
+        smcli.scoring, "build_adjacency_with", lambda *a, **k: built.append(1) or build(*a, **k)
+    )
+    monkeypatch.setattr(smcli.ensemble, "run_model", lambda m, *a: ran.append(m.path.name) or run(m, *a))
+    results = list(score_bags(BAGS, load_ensemble([SM_ABMIL, ABMIL, SM_ABMIL])))
+    assert [r.summary.status for r in results] == ["ok"] * 3
+    assert len(built) == 3
+    assert ran == ["sm_abmil.safetensors", "abmil.safetensors", "sm_abmil.safetensors"] * 3
