@@ -233,7 +233,8 @@ def test_a_two_row_table_spanning_4e9_pixels_is_refused_without_allocating(tmp_p
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {table}: far: a grid of 2 x ")
-    assert "too large to draw (at most 16000 cells a side" in lines[0] and lines[0].endswith("check --patch-size")
+    assert "too large to draw (at most 16000 cells a side" in lines[0]
+    assert lines[0].endswith("check --patch-size")
     assert peak < 50e6
 
 
