@@ -2,7 +2,8 @@
 and stdout writes that either deliver every byte or raise.
 
 Every module that writes a file (tables, checkpoints, bags, images) uses `atomic_path`, so a reader
-never sees half a file and an interrupted run leaves no partial output under the final name.
+never sees half a file and an interrupted run leaves no partial output under the final name; the
+file is fsynced before the rename and its directory after, so a power loss does not either.
 Every writer of data to stdout uses `write_stdout`.
 """
 
@@ -32,14 +33,39 @@ def atomic_path(path: Path, commit: Callable[[], None] | None = None) -> Iterato
         yield tmp
         # some writers (safetensors) create 0600 files: give the usual umask-based permissions
         os.chmod(tmp, 0o666 & ~_umask())
+        fsync_file(tmp)  # the bytes on disk before the name: a power loss leaves old or new, not empty
         with GUARD.critical():
             os.replace(tmp, path)
+            fsync_directory(path.parent)  # and the rename itself on disk
             if commit is not None:
                 commit()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk (the writers close their own handles first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries (a rename) to the disk; skipped where directories cannot be
+    opened or synced (some network and FUSE file systems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prepare_file_output(path: Path, overwrite: bool, error: type[SmcliError] = OutputError) -> None:

@@ -19,6 +19,8 @@ from smcli.errors import OutputError, UsageError, printable
 from smcli.files import (  # noqa: F401  (also imported from here)
     MAX_BAG_ID_BYTES,
     atomic_path,
+    fsync_directory,
+    fsync_file,
     prepare_file_output,
     safe_bag_id,
     write_stdout,
@@ -405,7 +407,9 @@ class TableSink:
                 self.writer.close()
                 self.writer = None
             if self.started:
+                fsync_file(self.tmp)
                 os.replace(self.tmp, self.path)
+                fsync_directory(self.path.parent)
             write_bags_csv([bags_row(summary) for summary in self.summaries], self.bags_path)
         except OSError as err:
             self._discard()
