@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -167,6 +169,27 @@ def write_bags_csv(rows: list[list[str]], path: Path, commit: Callable[[], None]
         raise OutputError(f"{path}: cannot write ({_describe_os_error(err)})") from None
 
 
+def append_bags_row(row: list[str], path: Path) -> None:
+    """Append one row to an existing bags file in a single write, then fsync it. Keeps a big
+    cohort linear: rewriting the whole file after each new bag made the run quadratic."""
+    import csv
+    import io
+
+    line = io.StringIO()
+    csv.writer(line, lineterminator="\n").writerow(row)
+    data = line.getvalue().encode("utf-8", "backslashreplace")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            if os.write(fd, data) != len(data):  # a short write leaves a partial line: refuse it
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({_describe_os_error(err)})") from None
+
+
 TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")  # atomic_path's names
 
 
@@ -246,10 +269,14 @@ def _flock(directory: Path, fcntl) -> Iterator[None]:
 def read_bags_csv(path: Path) -> list[list[str]]:
     """The rows of a bags file in BAGS_COLUMNS order ('' for columns an older file lacks); [] if none."""
     import csv
+    import io
 
     try:
         with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-            records = list(csv.DictReader(handle))
+            text = handle.read()
+        if text and not text.endswith("\n"):  # an append cut short (a crash): not a row
+            text = text[: text.rfind("\n") + 1]
+        records = list(csv.DictReader(io.StringIO(text, newline="")))
     except (OSError, csv.Error):
         return []
     return [[record.get(name) or "" for name in BAGS_COLUMNS] for record in records if record.get("bag_id")]
@@ -481,6 +508,8 @@ class DirectorySink:
         remove_stale_temporaries(directory, self._ours)
         self.disk_rows: list[list[str]] = []  # the bags file as last read or written
         self.disk_stamp: tuple | None = None
+        self.disk_exact = True  # disk_rows are exactly the file's rows
+        self.disk_ids: set[str] = set()
         self.mine: list[list[str]] = []  # this run's rows, in order (duplicate ids kept)
         self.mine_ids: set[str] = set()
         self.refused: set[str] = set()  # 'output exists' errors: their earlier row stays
@@ -492,6 +521,7 @@ class DirectorySink:
         self.options_json = ""  # set by the caller: the scoring options a kept file must share
         self.written: dict[str, list[list[str]]] = {}  # bag id -> the rows this run last wrote for it
         self.other_bags_files: dict[Path, tuple] = {}  # path -> (stamp, ids) of other runs' bags files
+        self.globbed_at = -1e9  # when the directory was last listed for them
 
     def _ours(self, name: str) -> bool:
         return name == self.bags_path.name or name.endswith((".csv", ".parquet", PROVENANCE_SUFFIX))
@@ -509,15 +539,16 @@ class DirectorySink:
     def table_path(self, bag_id: str) -> Path:
         return self.directory / f"{bag_id}.{self.fmt}"
 
-    def _refresh(self) -> None:
-        """Re-read the bags file if anyone changed it since this run last read or wrote it."""
+    def _refresh(self) -> bool:
+        """Re-read the bags file if anyone changed it since this run last read or wrote it
+        (True when it did)."""
         try:
             st = os.stat(self.bags_path)
             stamp: tuple | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
             stamp = None
         if stamp == self.disk_stamp and stamp is not None:
-            return
+            return False
         rows = read_bags_csv(self.bags_path)
         status, bag_id = BAGS_COLUMNS.index("status"), BAGS_COLUMNS.index("bag_id")
         self.disk_rows = [  # an ok row whose file was deleted describes nothing any more
@@ -526,7 +557,10 @@ class DirectorySink:
             if row[status] not in KEPT_STATUSES
             or (safe_bag_id(row[bag_id]) and self.table_path(row[bag_id]).exists())
         ]
+        self.disk_exact = len(self.disk_rows) == len(rows)  # else the next write rewrites the file
+        self.disk_ids = {row[0] for row in self.disk_rows}
         self.disk_stamp = stamp
+        return True
 
     def _recorded(self, bag_id: str) -> dict | None:
         """The latest row of the bags file that describes `bag_id`'s output file, read fresh."""
@@ -675,7 +709,17 @@ class DirectorySink:
         self.mine.append(row)
         self.mine_ids.add(bag_id)
         with directory_lock(self.directory):
-            self._refresh()
+            reread = self._refresh()
+            if not reread and self.disk_exact and bag_id not in self.disk_ids:
+                # the common case, kept O(1) per bag: nobody touched the file since this run wrote
+                # it and the bag is new there, so its row is appended, not the file rewritten
+                append_bags_row(row, self.bags_path)
+                self.disk_rows.append(row)
+                self.disk_ids.add(bag_id)
+                self.written[bag_id] = [row]
+                self._stamp_disk()
+                self._reconcile_other_bags_files(bag_id)
+                return
             on_disk: dict[str, list[list[str]]] = {}
             for disk_row in self.disk_rows:
                 on_disk.setdefault(disk_row[0], []).append(disk_row)
@@ -690,17 +734,29 @@ class DirectorySink:
                 self.written[bag_id] = [row]
             rows = [r for r in self.disk_rows if r[0] not in self.written]
             rows += [r for rows_of in self.written.values() for r in rows_of]
-            write_bags_csv(rows, self.bags_path)
-            self.disk_rows = rows
-            with contextlib.suppress(OSError):
-                st = os.stat(self.bags_path)
-                self.disk_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self.disk_stamp is not None and self.disk_exact and rows[:-1] == self.disk_rows:
+                append_bags_row(rows[-1], self.bags_path)  # a new bag: one line, not the whole file
+            else:  # a row replaced or dropped: the file is rewritten whole, atomically
+                write_bags_csv(rows, self.bags_path)
+            self.disk_rows, self.disk_exact = rows, True
+            self.disk_ids = {r[0] for r in rows}
+            self._stamp_disk()
             self._reconcile_other_bags_files(bag_id)
+
+    def _stamp_disk(self) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(self.bags_path)
+            self.disk_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _reconcile_other_bags_files(self, bag_id: str) -> None:
         """Drop `bag_id`'s rows from the directory's other bags files (the main one, shards'):
         this run's row now describes its file, so theirs would contradict it."""
-        for path in sorted(self.directory.glob("_bags*.csv")):
+        now = time.monotonic()
+        if now - self.globbed_at > 5.0:  # listing the directory per bag would be O(bags) each time
+            self.globbed_at = now
+            for found in self.directory.glob("_bags*.csv"):
+                self.other_bags_files.setdefault(found, ((), set()))
+        for path in sorted(self.other_bags_files):
             if path == self.bags_path:
                 continue
             try:

@@ -344,17 +344,24 @@ def test_a_failed_write_of_a_single_table_leaves_nothing(
     assert list(table.parent.iterdir()) == []  # no table, no bags file, no temporary file
 
 
-def test_bags_file_is_rewritten_after_every_bag(tmp_path, three_bags, model_file, monkeypatch):
+def test_bags_file_is_updated_after_every_bag(tmp_path, three_bags, model_file, monkeypatch):
     (three_bags / "slide_b.safetensors").write_bytes(b"not a bag at all")
     out = tmp_path / "out"
     snapshots = []
-    real = smcli.writers.write_bags_csv
+    kinds = []
 
-    def spy(rows, path, *args, **kwargs):
-        real(rows, path, *args, **kwargs)
-        snapshots.append({k: r["status"] for k, r in bags_rows(Path(path)).items()})
+    def spying(name):
+        real = getattr(smcli.writers, name)
 
-    monkeypatch.setattr(smcli.writers, "write_bags_csv", spy)
+        def spy(rows, path, *args, **kwargs):
+            real(rows, path, *args, **kwargs)
+            kinds.append(name)
+            snapshots.append({k: r["status"] for k, r in bags_rows(Path(path)).items()})
+
+        monkeypatch.setattr(smcli.writers, name, spy)
+
+    spying("write_bags_csv")
+    spying("append_bags_row")  # a new bag is appended: the file is not rewritten whole each time
     result = invoke("score", three_bags, "-m", model_file, "-o", out)
     assert result.exit_code == 1
     assert snapshots == [
@@ -362,6 +369,7 @@ def test_bags_file_is_rewritten_after_every_bag(tmp_path, three_bags, model_file
         {"slide_a": "ok", "slide_b": "error"},
         {"slide_a": "ok", "slide_b": "error", "slide_c": "ok"},
     ]
+    assert kinds == ["write_bags_csv", "append_bags_row", "append_bags_row"]
     rows = bags_rows(out / "_bags.csv")
     for bag_id, row in rows.items():
         assert (out / f"{bag_id}.csv").exists() == (row["status"] == "ok")
@@ -506,6 +514,15 @@ def _raise_signal_at(monkeypatch, moment: str) -> None:
         assert handler is not signal.default_int_handler, "smcli did not install its handler"
         os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (main) thread right away
 
+    if moment in ("writing_bags_file", "after_bags_file_rename"):
+        real_append = smcli.writers.append_bags_row
+
+        def append(row, path):  # a new bag's row is appended, not renamed into place
+            real_append(row, path)
+            if row[0] == "slide_b":
+                send()
+
+        monkeypatch.setattr(smcli.writers, "append_bags_row", append)
     if moment in ("after_table_rename", "after_bags_file_rename"):
         real_replace = os.replace
 
