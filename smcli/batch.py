@@ -115,6 +115,26 @@ def open_sink(request: ScoreRequest):
     return DirectorySink(output, resolved, request.existing, bags_name, request.options.top_k)
 
 
+def options_fingerprint(options: ScoreOptions, model) -> str:
+    """The scoring options a kept per-bag file must share to be skipped (JSON): the patch size
+    asked for, the dist_thr in effect, --top-k, the tensor names and --strict."""
+    import json
+
+    config = getattr(model, "config", None)
+    dist_thr = options.dist_thr if options.dist_thr is not None else getattr(config, "dist_thr", None)
+    keys = options.keys
+    return json.dumps(
+        {
+            "patch_size": options.patch_size,
+            "dist_thr": dist_thr,
+            "top_k": options.top_k,
+            "keys": [keys.features, keys.coords, keys.labels],
+            "strict": options.strict,
+        },
+        sort_keys=True,
+    )
+
+
 def run_score(
     request: ScoreRequest,
     report: Callable[[BagResult], None],
@@ -143,6 +163,7 @@ def run_score(
     sink.model_config_json = config_json
     sink.model_sha256 = model.sha256
     options = replace(request.options, device=device)
+    sink.options_json = options_fingerprint(options, model)
     summary = RunSummary(total=len(paths))
     start(len(paths))
     complete = False

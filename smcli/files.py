@@ -2,7 +2,8 @@
 and stdout writes that either deliver every byte or raise.
 
 Every module that writes a file (tables, checkpoints, bags, images) uses `atomic_path`, so a reader
-never sees half a file and an interrupted run leaves no partial output under the final name.
+never sees half a file and an interrupted run leaves no partial output under the final name; the
+file is fsynced before the rename and its directory after, so a power loss does not either.
 Every writer of data to stdout uses `write_stdout`.
 """
 
@@ -21,10 +22,15 @@ MAX_BAG_ID_BYTES = 200  # leaves room for the suffix and the temporary-file pref
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, commit: Callable[[], None] | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: Path,
+    commit: Callable[[], None] | None = None,
+    guard: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
 
-    `commit`, if given, runs right after the rename, and an interrupt cannot fall between the two.
+    `commit`, if given, runs right after the rename, and an interrupt cannot fall between the two;
+    `guard()`, if given, is held around both (e.g. a lock on the directory).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -32,14 +38,39 @@ def atomic_path(path: Path, commit: Callable[[], None] | None = None) -> Iterato
         yield tmp
         # some writers (safetensors) create 0600 files: give the usual umask-based permissions
         os.chmod(tmp, 0o666 & ~_umask())
-        with GUARD.critical():
+        fsync_file(tmp)  # the bytes on disk before the name: a power loss leaves old or new, not empty
+        with GUARD.critical(), (guard() if guard is not None else contextlib.nullcontext()):
             os.replace(tmp, path)
+            fsync_directory(path.parent)  # and the rename itself on disk
             if commit is not None:
                 commit()
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk (the writers close their own handles first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries (a rename) to the disk; skipped where directories cannot be
+    opened or synced (some network and FUSE file systems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prepare_file_output(path: Path, overwrite: bool, error: type[SmcliError] = OutputError) -> None:
@@ -138,3 +169,36 @@ def _write_all(write: Callable[[memoryview], int | None], data: bytes, fd: int =
         if written <= 0:
             raise OSError(errno.EIO, os.strerror(errno.EIO))  # no progress and no errno: never spin
         view = view[written:]
+
+
+PROVENANCE_SUFFIX = ".smcli.json"  # beside a per-bag CSV, hidden: `.<bag_id>.csv.smcli.json`
+
+
+def provenance_sidecar(table: Path) -> Path:
+    return table.with_name(f".{table.name}{PROVENANCE_SUFFIX}")
+
+
+def read_provenance(table: Path) -> dict[str, str] | None:
+    """The `smcli.*` provenance a per-bag table carries: parquet key-value metadata, or for a CSV
+    its sidecar, trusted only when the sidecar's `smcli.table_sha256` is the CSV's own hash (a
+    sidecar left from another version of the file describes nothing). None when there is none."""
+    import hashlib
+    import json
+
+    try:
+        if table.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            raw = pq.read_metadata(table).metadata or {}
+            found = {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"smcli.")}
+            return found or None
+        document = json.loads(provenance_sidecar(table).read_text(encoding="utf-8"))
+        digest = hashlib.sha256()
+        with open(table, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except Exception:  # missing, unreadable or not ours: no provenance
+        return None
+    if not isinstance(document, dict) or document.get("smcli.table_sha256") != digest.hexdigest():
+        return None
+    return {str(k): str(v) for k, v in document.items()}

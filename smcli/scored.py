@@ -91,6 +91,9 @@ def read_table(path: Path, column: str, patch_size: float | None) -> list[BagVal
     if "bag_id" not in table.columns:
         table = table.assign(bag_id=path.stem)
     summaries = bags_file_rows(path)
+    own = own_provenance(path)
+    if own is not None:  # a per-bag file's own provenance beats any row about it (rows can be stale)
+        summaries[own.get("bag_id", "")] = own
     stated_units = parquet_units(path) if path.suffix == ".parquet" else {}
     unnamed = int(table["bag_id"].isna().sum() + (table["bag_id"].astype(str).str.strip() == "").sum())
     if unnamed:  # groupby would drop these rows: never a silent picture-less exit 0
@@ -171,6 +174,16 @@ def table_units(stated: dict[str, str], recorded: dict, bag_id: str) -> str:
         return parse_units(stated_unit)
     except BagError:
         return str(stated_unit)  # kept as written: placing it on a slide names it
+
+
+def own_provenance(table_path: Path) -> dict[str, str] | None:
+    """A per-bag table's provenance (smcli.files.read_provenance), keys without `smcli.`."""
+    from smcli.files import read_provenance
+
+    found = read_provenance(table_path)
+    if found is None or "smcli.bag_id" not in found:
+        return None
+    return {key.removeprefix("smcli."): value for key, value in found.items()}
 
 
 def bags_file_rows(table_path: Path) -> dict[str, dict]:

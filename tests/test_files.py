@@ -242,4 +242,24 @@ def test_every_writer_creates_a_missing_parent_and_refuses_an_existing_output(tm
 def test_a_directory_output_is_created_with_its_parents(tmp_path):
     out = tmp_path / "a" / "b" / "scores"
     assert invoke("score", SLIDE_01, "-m", MODEL, "-o", out).exit_code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["_bags.csv", "slide_01.csv"]
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != ".") == ["_bags.csv", "slide_01.csv"]
+
+
+def test_atomic_path_syncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + ("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with files.atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("every byte")
+    assert events == ["fsync file", "rename", "fsync dir"]
+    assert (tmp_path / "out.txt").read_text() == "every byte"
