@@ -927,5 +927,25 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 def main() -> None:
     import warnings
 
+    from typer import exceptions as typer_errors
+    from typer._click import exceptions as click_errors  # typer's own copy of click
+
     warnings.showwarning = _warning_line
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `smcli` alone: the help, as click shows it
+            err.show()
+            sys.exit(err.exit_code)
+        # two plain lines instead of a boxed panel: a script's log stays greppable
+        _stderr(f"Error: {err.format_message()}")
+        if err.ctx is not None:
+            _stderr(f"Try '{err.ctx.command_path} -h' for help.")
+        sys.exit(err.exit_code)
+    except click_errors.ClickException as err:
+        _stderr(f"Error: {err.format_message()}")
+        sys.exit(err.exit_code)
+    except typer_errors.Abort:
+        _stderr("Aborted!")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -83,3 +83,21 @@ def test_an_inferred_patch_step_is_said_on_stderr(tmp_path, bag_file):
     assert result.exit_code == 0
     assert f"note: {bag}: patch step {PATCH} inferred from the coords" in result.stderr.splitlines()
     assert invoke(bag, "-m", model_file(tmp_path), "--quiet").stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["score"], "Error: Missing argument 'inputs'."),
+        (["score", "x.safetensors", "-m", "m.safetensors", "--bogus"], "Error: No such option: --bogus"),
+        (["inspect", "--json"], "Error: Missing argument 'files'."),
+    ],
+)
+def test_usage_errors_are_two_plain_lines_not_a_boxed_panel(args, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "smcli", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [message, f"Try 'python -m smcli {args[0]} -h' for help."]
+    assert done.stdout == ""
