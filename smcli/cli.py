@@ -194,7 +194,7 @@ def score(
     from smcli.progress import Reporter
     from smcli.scoring import ScoreOptions
 
-    reporter = Reporter(quiet=quiet)
+    reporter = Reporter(quiet=quiet, table_on_stdout=output is None)
     reporter.table_on_stdout = output is None  # such a table cannot carry its coords' unit
     try:
         _check_positive(patch_size=patch_size, dist_thr=dist_thr)

@@ -17,10 +17,44 @@ from smcli.results import BagResult
 LOG_EVERY_SECONDS = 30.0
 
 
+MAX_ERROR_LINES = 10  # then errors are counted by reason, one summary line at the end
+
+
+def error_reason(error: str, path: str) -> str:
+    """What an error says, without the file it names: quoted names and numbers become … and N,
+    so a thousand bags failing the same way count as one reason."""
+    import re
+
+    text = error[len(path) + 2 :] if path and error.startswith(path + ": ") else error
+    text = re.sub(r"'[^']*'", "'…'", text)
+    return re.sub(r"\d+(?:\.\d+)?", "N", text)[:160]
+
+
+def same_terminal(first, second) -> bool:
+    """Two streams on one terminal (a table on stdout would be cut by a progress bar on stderr)."""
+    import os
+
+    try:
+        if not (first.isatty() and second.isatty()):
+            return False
+        a, b = os.fstat(first.fileno()), os.fstat(second.fileno())
+    except (AttributeError, ValueError, OSError):
+        return False
+    return (a.st_dev, a.st_ino, a.st_rdev) == (b.st_dev, b.st_ino, b.st_rdev)
+
+
 class Reporter:
-    def __init__(self, quiet: bool = False, interactive: bool | None = None) -> None:
+    def __init__(
+        self, quiet: bool = False, interactive: bool | None = None, table_on_stdout: bool = False
+    ) -> None:
         self.quiet = quiet
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        if interactive is None:  # no bar when the table itself goes to the same terminal
+            interactive = sys.stderr.isatty() and not (
+                table_on_stdout and same_terminal(sys.stdout, sys.stderr)
+            )
+        self.interactive = interactive
+        self.errors_shown = 0
+        self.unshown: dict[str, int] = {}  # reason -> errors past MAX_ERROR_LINES
         self.total = 0
         self.done = 0
         self.patches = 0
@@ -71,7 +105,12 @@ class Reporter:
         if summary.status == "ok":
             self.patches += summary.n_instances or 0
         if summary.status == "error":
-            self.line(f"error: {summary.error}")
+            if self.errors_shown < MAX_ERROR_LINES:
+                self.errors_shown += 1
+                self.line(f"error: {summary.error}")
+            else:
+                reason = error_reason(summary.error, summary.path)
+                self.unshown[reason] = self.unshown.get(reason, 0) + 1
         elif not self.quiet and summary.status == "ok":  # a skipped bag's figures are from an earlier run
             step = summary.patch_step
             inferred = summary.patch_step_source == "inferred"  # no flag, metadata or model said it
@@ -105,11 +144,24 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        self._summarize_unshown()
+
+    def _summarize_unshown(self) -> None:
+        """One line for the errors past the first MAX_ERROR_LINES: how many, by reason."""
+        if not self.unshown:
+            return
+        total = sum(self.unshown.values())
+        ranked = sorted(self.unshown.items(), key=lambda item: -item[1])
+        reasons = "; ".join(f"{count} × {reason}" for reason, count in ranked[:5])
+        more = f"; {len(ranked) - 5} other reasons" if len(ranked) > 5 else ""
+        print(printable(f"error: {total} more bags failed: {reasons}{more}"), file=sys.stderr, flush=True)
+        self.unshown = {}
 
     def finish(self, summary_line: str) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        self._summarize_unshown()
         if not self.quiet:
             elapsed = time.perf_counter() - self.started
             print(f"smcli: {summary_line} ({elapsed:.1f} s)", file=sys.stderr, flush=True)

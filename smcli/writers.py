@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import time
@@ -534,6 +535,11 @@ class DirectorySink:
             value = getattr(summary, name)
             metadata[f"smcli.{name}"] = "" if value is None else repr(value)
         metadata["smcli.options"] = self.options_json
+        # the whole bags-file row as written now (all columns, e.g. an ensemble's per-model
+        # figures), without wall-clock fields: the file stays reproducible bit for bit
+        row = dict(zip(BAGS_COLUMNS, bags_row(summary), strict=True))
+        row.update(seconds="", scored_at="")
+        metadata["smcli.bags_row"] = json.dumps(row, sort_keys=True)
         return metadata
 
     def table_path(self, bag_id: str) -> Path:
@@ -614,6 +620,8 @@ class DirectorySink:
             provenance = read_provenance(target)
             if provenance is not None:
                 made = {key.removeprefix("smcli."): value for key, value in provenance.items()}
+                with contextlib.suppress(ValueError, TypeError):
+                    made = {**json.loads(made.get("bags_row", "{}")), **made}
                 same_options = made.get("options") == self.options_json
                 if same_options and self._current(path, made) and self._complete(target, made):
                     return skipped_result(path, bag_id, made)
