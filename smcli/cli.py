@@ -893,7 +893,7 @@ def _check_positive(**values: float | None) -> None:
     import math
 
     from smcli.errors import UsageError
-    from smcli.graph import MAX_DIST_THR
+    from smcli.graph import MAX_DIST_THR, just_below_grid_distance
 
     for name, value in values.items():
         flag = f"--{name.replace('_', '-')}"
@@ -903,6 +903,14 @@ def _check_positive(**values: float | None) -> None:
             raise UsageError(f"{flag} must be a finite number, got {value}")
         if name == "dist_thr" and value is not None and value > MAX_DIST_THR:
             raise UsageError(f"{flag} {value:g} is beyond {MAX_DIST_THR:g} patch steps")
+        if name == "dist_thr" and value is not None:
+            ring = just_below_grid_distance(value)
+            if ring is not None:  # said once per run, before any bag
+                _stderr(
+                    f"warning: {flag} {value!r} is just below √{ring} = {math.sqrt(ring)!r} patch steps: "
+                    f"neighbours exactly √{ring} apart get no edge; give {math.sqrt(ring):.7g} or more "
+                    "to keep them"
+                )
 
 
 def _parse_alpha(text: str | None):

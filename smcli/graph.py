@@ -97,6 +97,20 @@ class Adjacency:
             ).to(device)
 
 
+GRID_DISTANCES_SQUARED = (1, 2, 4, 5, 8)  # neighbour rings: sides, diagonals, 2 steps, knight, 2 diagonals
+
+
+def just_below_grid_distance(dist_thr: float, tolerance: float = 1e-6) -> int | None:
+    """k when `dist_thr` (patch steps) lies within `tolerance` (relative) below √k for a grid
+    distance √k: a threshold meant as √k that silently leaves that whole ring of neighbours out
+    (1.414213562 drops every diagonal edge). None otherwise."""
+    for k in GRID_DISTANCES_SQUARED:
+        ring = math.sqrt(k)
+        if ring * (1.0 - tolerance) <= dist_thr < ring and dist_thr * dist_thr < k:
+            return k
+    return None
+
+
 def grid_cells(coords: np.ndarray, patch_size: float) -> np.ndarray:
     """Patch-grid cell of every instance, as torchmil's WSI datasets compute it.
 

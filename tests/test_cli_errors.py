@@ -101,3 +101,24 @@ def test_usage_errors_are_two_plain_lines_not_a_boxed_panel(args, message):
     assert done.returncode == 2
     assert done.stderr.splitlines() == [message, f"Try 'python -m smcli {args[0]} -h' for help."]
     assert done.stdout == ""
+
+
+def test_a_dist_thr_just_below_sqrt_2_warns_once(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    bag = root / "sample_bags" / "slide_01.safetensors"
+    model = root / "sample_bags" / "models" / "sm_abmil.safetensors"
+    result = CliRunner().invoke(
+        app, ["score", str(bag), "-m", str(model), "--dist-thr", "1.414213562", "-o", str(tmp_path / "s.csv")]
+    )
+    assert result.exit_code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: --dist-thr 1.414213562 is just below √2 = 1.4142135623730951 patch steps: neighbours "
+        "exactly √2 apart get no edge; give 1.414214 or more to keep them"
+    ]
+    quiet = CliRunner().invoke(
+        app, ["score", str(bag), "-m", str(model), "--dist-thr", "1.5", "-o", str(tmp_path / "t.csv")]
+    )
+    assert "warning:" not in quiet.stderr

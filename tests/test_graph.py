@@ -138,3 +138,14 @@ def test_raster_path_declines_shared_cells_and_sprawling_boxes():
 
     assert raster_edges(np.array([[0, 0], [0, 0], [1, 1]])) is None
     assert raster_edges(np.array([[0, 0], [100_000, 100_000]])) is None
+
+
+def test_a_threshold_just_below_a_grid_distance_is_named():
+    import math
+
+    from smcli.graph import just_below_grid_distance
+
+    assert just_below_grid_distance(1.414213562) == 2
+    assert just_below_grid_distance(math.sqrt(5) * (1 - 5e-7)) == 5
+    for fine in (math.sqrt(2), 1.5, 1.41421, 1.0, 2.0000001, math.sqrt(8) * (1 - 2e-6)):
+        assert just_below_grid_distance(fine) is None, fine
