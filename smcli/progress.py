@@ -17,7 +17,7 @@ from smcli.results import BagResult
 LOG_EVERY_SECONDS = 30.0
 
 
-MAX_ERROR_LINES = 10  # then errors are counted by reason, one summary line at the end
+MAX_ERROR_LINES = 20  # per reason; past that, errors for it are counted, one summary line at the end
 
 
 def error_reason(error: str, path: str) -> str:
@@ -53,7 +53,7 @@ class Reporter:
                 table_on_stdout and same_terminal(sys.stdout, sys.stderr)
             )
         self.interactive = interactive
-        self.errors_shown = 0
+        self.shown: dict[str, int] = {}  # reason -> error lines printed for it
         self.unshown: dict[str, int] = {}  # reason -> errors past MAX_ERROR_LINES
         self.total = 0
         self.done = 0
@@ -105,11 +105,11 @@ class Reporter:
         if summary.status == "ok":
             self.patches += summary.n_instances or 0
         if summary.status == "error":
-            if self.errors_shown < MAX_ERROR_LINES:
-                self.errors_shown += 1
+            reason = error_reason(summary.error, summary.path)
+            if self.shown.get(reason, 0) < MAX_ERROR_LINES:
+                self.shown[reason] = self.shown.get(reason, 0) + 1
                 self.line(f"error: {summary.error}")
             else:
-                reason = error_reason(summary.error, summary.path)
                 self.unshown[reason] = self.unshown.get(reason, 0) + 1
         elif not self.quiet and summary.status == "ok":  # a skipped bag's figures are from an earlier run
             step = summary.patch_step
