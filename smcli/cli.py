@@ -787,7 +787,12 @@ def view(
         raise _exit_on(err) from None
     if host not in LOCAL_NAMES:
         _stderr(f"warning: listening on {host}: anyone who can reach it and has the URL sees these slides")
-    print(url, flush=True)
+    try:
+        _data(url)  # the URL is this command's data: every byte or an error, as for any table
+    except typer.Exit:  # bound but not serving yet: close it, no shutdown() to wait for
+        server.server_close()
+        server.viewer.close()
+        raise
 
     def open_browser() -> None:
         if not no_browser:
@@ -852,7 +857,7 @@ def evaluate(
 
     from smcli.evaluate import EvaluateRequest
     from smcli.evaluate import evaluate as run_evaluation
-    from smcli.report import left_out_lines, print_table, report_document, write_report
+    from smcli.report import left_out_lines, markdown_table, print_table, report_document, write_report
 
     try:
         request = EvaluateRequest(
@@ -877,9 +882,11 @@ def evaluate(
         for note in model_report.notes:
             _stderr(f"note: {note}")
     if as_json:
-        typer.echo(json.dumps(report_document(report), indent=2))
+        _data(json.dumps(report_document(report), indent=2))
+    elif output is None and sys.stdout.isatty():
+        print_table(report, sys.stdout)  # rich boxes for a person
     elif output is None:
-        print_table(report, sys.stdout)
+        _data(markdown_table(report).removesuffix("\n"))  # data: every byte or an error
     if output is not None:
         if not quiet and not as_json:
             print_table(report, sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -367,3 +369,19 @@ def test_rich_table_on_a_terminal(cohort):
     print_table(evaluate(EvaluateRequest([a, b], targets, n_boot=10)), stream)
     text = stream.getvalue()
     assert "model_a" in text and "DeLong p" in text and "| model_a |" not in text  # boxes, not Markdown
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_a_full_device_on_stdout_is_one_line_and_exit_1(cohort, flags):
+    targets, model_a, model_b = cohort
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "smcli", "evaluate", str(model_a), str(model_b)]
+            + ["--targets", str(targets), "--n-boot", "50", *flags],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == ["error: stdout: cannot write (No space left on device)"]

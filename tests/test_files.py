@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from smcli import files
-from smcli.cli import app
 from smcli.errors import OutputError, StdoutClosed
+from tests.cli_runner import invoke
 
 ORACLE = all(importlib.util.find_spec(name) is not None for name in ("torch", "torchmil"))
 needs_oracle = pytest.mark.skipif(not ORACLE, reason="convert reads a torchmil .pt file")
@@ -179,15 +178,6 @@ def test_a_nearly_full_disk_on_stdout_is_an_error_not_a_cut_table(tiny_tmpfs):
 
 # --------------------------------------------------------- one output rule for every command
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

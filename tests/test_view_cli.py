@@ -54,6 +54,20 @@ def test_url_first_then_a_clean_stop_on_a_signal(table, stop):
         urllib.request.urlopen(url, timeout=2)
 
 
+def test_a_url_that_cannot_be_printed_is_one_line_and_exit_1(table):
+    """The URL is the command's data: on a full stdout it is an error, never a server no one can find."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "smcli", "view", str(table), "--no-browser", "--port", "0"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == ["error: stdout: cannot write (No space left on device)"]
+
+
 def test_other_host_warns_and_allow_host_names_are_accepted(table):
     process, url = launch(table, "--host", "127.0.0.2", "--allow-host", "viewer.lab")
     try:

@@ -13,26 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from smcli.cli import app
 from smcli.files import read_provenance
 from smcli.scored import read_table
+from tests.cli_runner import invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 BAGS = ROOT / "sample_bags"
 M1 = BAGS / "models" / "sm_abmil.safetensors"
 M2 = BAGS / "models" / "abmil.safetensors"
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def sha(model: Path) -> str:
